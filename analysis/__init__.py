@@ -1,0 +1,1 @@
+"""Reading vpMoE from outside with nnsight: probes, metrics, the store, queries and audits."""

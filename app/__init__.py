@@ -1,0 +1,1 @@
+"""The Streamlit dashboard: entrypoint, shared sidebar and pure plotly figure builders."""
