@@ -46,7 +46,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, sink: Tensor | None, wi
 
     Returns (o [B, T, H, d] in q's dtype, p [B, H, T, T] fp32). Builds T x T tensors: the oracle only.
     """
-    B, T, H, d = q.shape
+    T, H, d = q.shape[1:]
     rep = H // k.shape[2]
     k_h = k.repeat_interleave(rep, dim=2)  # [B, T, H, d]: head h reads group h // rep
     v_h = v.repeat_interleave(rep, dim=2)

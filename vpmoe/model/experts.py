@@ -30,7 +30,7 @@ def experts_reference(x: Tensor, idx: Tensor, weights: Tensor, fc1_w: Tensor, fc
 def experts_grouped(x: Tensor, idx: Tensor, weights: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
                     fc2_b: Tensor) -> Tensor:
     """Same result as `experts_reference`: tokens sorted by expert, fc1 and fc2 as grouped GEMMs."""
-    N, K = idx.shape
+    K = idx.shape[1]
     E = fc1_w.shape[0]
     flat = idx.reshape(-1)  # [N*K], pair p = token p // K, slot p % K
     order = torch.argsort(flat, stable=True)

@@ -18,13 +18,13 @@ import sys
 import sysconfig
 import tokenize
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 DOMAINS: tuple[str, ...] = ("code", "prose", "data")
-HELDOUT_FRACTION = 0.02
+HELDOUT_FRACTION = 0.05
 MIN_HELDOUT_ENTRIES = 3
 MAX_DOCUMENT_CHARS = 50_000
 MIN_DOCUMENT_CHARS = 200
@@ -59,7 +59,7 @@ class CorpusEntry:
         text = _entry_text(self)
         if text is None or len(text.strip()) < MIN_DOCUMENT_CHARS:
             return []
-        pieces = split_text(text, MAX_DOCUMENT_CHARS)
+        pieces = list(cut_lines(text.splitlines(keepends=True), MAX_DOCUMENT_CHARS))
         if len(pieces) == 1:
             return [Document(pieces[0], self.domain, self.key)]
         return [Document(piece, self.domain, f"{self.key}#{i}") for i, piece in enumerate(pieces)]
@@ -169,30 +169,38 @@ def module_docstrings(source: str) -> str:
     return "\n\n".join(text for text in texts if text and text.strip())
 
 
-def split_text(text: str, limit: int) -> list[str]:
-    """`text` cut at line ends into pieces of at most `limit` characters (a longer line is cut inside)."""
-    pieces: list[str] = []
+def cut_lines(lines: Iterable[str], limit: int) -> Iterator[str]:
+    """Consecutive lines (with their line ends) joined into pieces of at most `limit` characters.
+
+    A piece ends at a line end unless a single line is longer than `limit`; then that line is cut inside.
+    """
     current: list[str] = []
     size = 0
-    for line in text.splitlines(keepends=True):
+    for line in lines:
+        if current and size + len(line) > limit:
+            yield "".join(current)
+            current, size = [], 0
         while len(line) > limit:
-            line_head, line = line[:limit], line[limit:]
-            pieces.extend(["".join(current)] if current else [])
-            current, size = [], 0
-            pieces.append(line_head)
-        if size + len(line) > limit:
-            pieces.append("".join(current))
-            current, size = [], 0
+            yield line[:limit]
+            line = line[limit:]
         current.append(line)
         size += len(line)
     if current:
-        pieces.append("".join(current))
-    return pieces
+        yield "".join(current)
 
 
 def _docstring_statements(tree: ast.Module) -> Iterator[tuple[ast.AST, ast.Expr]]:
     """(owner, statement) for every module, class and function whose body starts with a string."""
-    for node in ast.walk(tree):
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        # Definitions only live in statement lists, so expressions are never visited: a full ast.walk
+        # costs more than the rest of the stripping.
+        pending += [
+            child
+            for child in ast.iter_child_nodes(node)
+            if isinstance(child, ast.stmt | ast.excepthandler | ast.match_case)
+        ]
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
             first = node.body[0]
             if (
