@@ -88,7 +88,7 @@ def builtin_entries(split: Literal["train", "heldout"]) -> list[CorpusEntry]:
     """The corpus entries of one split, sorted by key (relative path), without reading their text."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    return _split_entries()[split]
+    return list(_split_entries()[split])
 
 
 def builtin_documents(split: Literal["train", "heldout"]) -> Iterator[Document]:
@@ -124,9 +124,8 @@ def describe_builtin() -> dict:
 
 
 def strip_python_source(source: str) -> str:
-    """Python source without comments and docstrings; a docstring that is a whole body becomes `pass`.
-
-    Raises SyntaxError (or tokenize.TokenError) when the source does not parse.
+    """Python source ('\\n' line ends) without comments and docstrings; a docstring that is a whole body
+    becomes `pass`. Raises SyntaxError (or tokenize.TokenError) when the source does not parse.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

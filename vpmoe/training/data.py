@@ -35,7 +35,7 @@ from vpmoe.training.corpus import (
     builtin_entries,
     cut_lines,
     describe_builtin,
-    is_heldout,
+    heldout_score,
 )
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -43,6 +43,7 @@ DOMAIN_FIELD = "domain"
 SHUFFLE_BUFFER_DOCUMENTS = 256
 TOKENIZE_BATCH_DOCUMENTS = 32
 PARQUET_BATCH_ROWS = 1024
+HELDOUT_STRIDE = round(1 / HELDOUT_FRACTION)
 
 
 class DataError(ValueError):
@@ -95,37 +96,43 @@ class _UserSource:
         self.documents = {"train": 0, "heldout": 0}
         domains: set[str] = set()
         for path in files:
+            relative = self._relative(path)
+            file_documents = {"train": 0, "heldout": 0}
+            file_domains: set[str] = set()
             try:
-                keys_and_domains = [(key, document.domain) for key, document in self._records(path)]
+                for index, document in self._records(path):
+                    file_documents["heldout" if is_heldout_document(relative, index) else "train"] += 1
+                    file_domains.add(document.domain)
             except UnicodeDecodeError as error:
                 if path.suffix != ".txt":
                     raise DataError(f"{path} is not UTF-8 text ({error})") from error
                 warnings.warn(f"skipping {path}: not UTF-8 text ({error})", stacklevel=3)
                 continue
-            for key, domain in keys_and_domains:
-                self.documents["heldout" if is_heldout(key) else "train"] += 1
-                domains.add(domain)
+            for split_name, count in file_documents.items():
+                self.documents[split_name] += count
+            domains |= file_domains
             self.units.append(path)
         if not sum(self.documents.values()):
             raise DataError(f"no usable documents in {source} (every file is empty, blank or not UTF-8)")
         if not self.documents[split]:
             raise DataError(
-                f"no {split} documents in {source}: a document is held out when its name hashes into the "
-                f"lowest {HELDOUT_FRACTION:.0%}, and the documents here split "
-                f"{self.documents['train']} train / {self.documents['heldout']} held out; "
-                "use more (or smaller) documents"
+                f"no {split} documents in {source}: one document in {HELDOUT_STRIDE} of each file is held "
+                f"out, so a file with fewer documents may have none, and the documents here split "
+                f"{self.documents['train']} train / {self.documents['heldout']} held out; use more documents"
             )
         self.domains = tuple(sorted(domains))
 
     def read(self, unit: Path) -> Iterator[Document]:
-        for split_key, document in self._records(unit):
-            if is_heldout(split_key) == (self.split == "heldout"):
+        relative = self._relative(unit)
+        for index, document in self._records(unit):
+            if is_heldout_document(relative, index) == (self.split == "heldout"):
                 yield document
 
     def describe(self) -> dict:
         listing = "\n".join(f"{self._relative(path)} {path.stat().st_size}" for path in self.units)
         return {
             "source": self.source,
+            "root": str(self.root.resolve()),
             "text_field": self.text_field,
             "files": len(self.units),
             "documents": dict(self.documents),
@@ -135,8 +142,8 @@ class _UserSource:
     def _relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def _records(self, path: Path) -> Iterator[tuple[str, Document]]:
-        """(split key, document) for each piece of text in the file, in file order."""
+    def _records(self, path: Path) -> Iterator[tuple[int, Document]]:
+        """(record index in the file, document) for each piece of text in the file, in file order."""
         relative = self._relative(path)
         if path.suffix == ".txt":
             yield from _text_file_records(path, relative)
@@ -176,23 +183,31 @@ def _pieces(text: str) -> list[str]:
     return list(cut_lines(text.splitlines(keepends=True), MAX_DOCUMENT_CHARS)) if text.strip() else []
 
 
-def _record_documents(key: str, text: str, domain: str) -> Iterator[tuple[str, Document]]:
+def is_heldout_document(relative: str, index: int) -> bool:
+    """Whether record `index` of the file at `relative` path is held out: every HELDOUT_STRIDE-th record,
+    starting at a phase set by the hash of the path, so any file of HELDOUT_STRIDE records or more
+    contributes, and single-record files are held out as built-in corpus entries are."""
+    phase = int(heldout_score(relative) * HELDOUT_STRIDE)
+    return (index + phase) % HELDOUT_STRIDE == 0
+
+
+def _record_documents(index: int, name: str, text: str, domain: str) -> Iterator[tuple[int, Document]]:
+    """A record's text as documents, all under the record's index so that they share its split."""
     pieces = _pieces(text)
-    for index, piece in enumerate(pieces):
-        yield key, Document(piece, domain, key if len(pieces) == 1 else f"{key}#{index}")
+    for number, piece in enumerate(pieces):
+        yield index, Document(piece, domain, name if len(pieces) == 1 else f"{name}#{number}")
 
 
-def _text_file_records(path: Path, relative: str) -> Iterator[tuple[str, Document]]:
-    """A .txt file is one document, read line by line and cut into pieces; each piece is split separately,
-    so that a single large file still gives the held-out split some text."""
+def _text_file_records(path: Path, relative: str) -> Iterator[tuple[int, Document]]:
+    """A .txt file is one document, read line by line and cut into pieces; each piece counts as a record
+    of its own, so that a single large file still gives the held-out split some text."""
     with path.open(encoding="utf-8") as lines:
         pieces = (piece for piece in cut_lines(lines, MAX_DOCUMENT_CHARS) if piece.strip())
         for index, piece in enumerate(pieces):
-            key = f"{relative}#{index}"
-            yield key, Document(piece, "txt", key)
+            yield index, Document(piece, "txt", f"{relative}#{index}")
 
 
-def _jsonl_records(path: Path, relative: str, text_field: str) -> Iterator[tuple[str, Document]]:
+def _jsonl_records(path: Path, relative: str, text_field: str) -> Iterator[tuple[int, Document]]:
     """One document per JSON line, its text in `text_field` and an optional string `domain` field."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -209,10 +224,10 @@ def _jsonl_records(path: Path, relative: str, text_field: str) -> Iterator[tuple
                 raise DataError(f"{where} has no field {text_field!r} (fields: {sorted(record)})")
             text = _checked_text(record[text_field], f"{where} field {text_field!r}")
             domain = _checked_domain(record.get(DOMAIN_FIELD), where, default="jsonl")
-            yield from _record_documents(f"{relative}:{number}", text, domain)
+            yield from _record_documents(number - 1, f"{relative}:{number}", text, domain)
 
 
-def _parquet_records(path: Path, relative: str, text_field: str) -> Iterator[tuple[str, Document]]:
+def _parquet_records(path: Path, relative: str, text_field: str) -> Iterator[tuple[int, Document]]:
     """One document per row of column `text_field`, read one record batch at a time."""
     try:
         parquet = pq.ParquetFile(path)
@@ -226,13 +241,12 @@ def _parquet_records(path: Path, relative: str, text_field: str) -> Iterator[tup
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
         texts = batch.column(text_field).to_pylist()
         domains = batch.column(DOMAIN_FIELD).to_pylist() if DOMAIN_FIELD in wanted else [None] * len(texts)
-        for text, domain in zip(texts, domains, strict=True):
+        for text, domain_value in zip(texts, domains, strict=True):
             where = f"{path} row {row}"
             if text is not None:
                 checked = _checked_text(text, f"{where} column {text_field!r}")
-                yield from _record_documents(
-                    f"{relative}:{row}", checked, _checked_domain(domain, where, default="parquet")
-                )
+                domain = _checked_domain(domain_value, where, default="parquet")
+                yield from _record_documents(row, f"{relative}:{row}", checked, domain)
             row += 1
 
 
@@ -258,7 +272,7 @@ class PackedDataset:
 
     def __init__(
         self,
-        source: str | None,
+        source: str | os.PathLike[str] | None,
         *,
         split: Literal["train", "heldout"] = "train",
         seq_length: int,
@@ -273,7 +287,7 @@ class PackedDataset:
         self.split = split
         self.seq_length = seq_length
         self.seed = seed
-        self._source = _BuiltinSource(split) if source is None else _UserSource(source, split, text_field)
+        self._source = _BuiltinSource(split) if source is None else _UserSource(os.fspath(source), split, text_field)
         self._tokenizer = tokenizer or get_tokenizer()
         self.domains = self._source.domains
         self._domain_index = {domain: index for index, domain in enumerate(self.domains)}
@@ -304,9 +318,7 @@ class PackedDataset:
             raise ValueError(f"start_row must be non-negative, got {start_row}")
         return itertools.islice(self._all_rows(), start_row, None)
 
-    def batches(
-        self, batch_size: int, *, start_row: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Batch]:
+    def batches(self, batch_size: int, *, start_row: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """Batches of `batch_size` rows for one rank: global batch i holds rows
         start_row + [i*B*W, (i+1)*B*W) and rank r takes the r-th block of B of them."""
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
