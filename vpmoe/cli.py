@@ -50,6 +50,84 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_config(args: argparse.Namespace):
+    import dataclasses
+
+    cfg = load_config(args.config)
+    changes = {k: v for k, v in {"steps": args.steps, "micro_batch_size": args.micro_batch_size,
+                                 "grad_accum_steps": args.grad_accum_steps}.items() if v is not None}
+    if changes:
+        cfg = cfg.replace(training=dataclasses.replace(cfg.training, **changes))
+    if args.dtype:
+        cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, dtype=args.dtype))
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from vpmoe.training.checkpoint import CheckpointError
+    from vpmoe.training.data import DataError, PackedDataset, unigram_loss
+    from vpmoe.training.distributed import init_distributed
+    from vpmoe.training.loop import NonFiniteError, Trainer
+
+    cfg = _training_config(args)
+    dist = init_distributed(cfg.runtime.device)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    try:
+        trainer = Trainer(cfg, Path(args.out), dist, data=args.data, text_field=args.text_field, resume=args.resume)
+        if dist.is_main:
+            print(f"vpmoe train: {cfg.source}, {trainer.model.kernels.as_dict()}, {cfg.runtime.dtype}, "
+                  f"{dist.world_size} rank(s), {trainer.global_batch_rows} rows x {cfg.training.seq_length} tokens "
+                  f"per step, from step {trainer.step} -> {cfg.training.steps}", file=sys.stderr)
+        result = trainer.run()
+    except (DataError, CheckpointError) as exc:
+        print(f"vpmoe train: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"vpmoe train: stopped: {exc}. Checkpoints already written are intact.", file=sys.stderr)
+        return 1
+    if dist.is_main:
+        rows = min(2000, max(64, result.steps * trainer.global_batch_rows))
+        baseline = unigram_loss(PackedDataset(args.data, split="train", seq_length=cfg.training.seq_length,
+                                              seed=cfg.training.seed, text_field=args.text_field), rows)
+        tail = [h["lm_loss"] for h in result.history[-10:]] or [result.final_lm_loss]
+        print(f"done: {result.steps} steps; train loss (mean of last {len(tail)}) {sum(tail) / len(tail):.3f}, "
+              f"held-out {result.last_eval_loss if result.last_eval_loss is not None else float('nan'):.3f}; "
+              f"unigram baseline on the same data {baseline:.3f} nats/token")
+        print(f"checkpoints: {', '.join(str(p) for p in result.checkpoints)}")
+    return 0
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from vpmoe.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    ids = tok.encode(args.text, allow_special=args.special)
+    if args.json:
+        print(json.dumps({"ids": ids, "tokens": [tok.token_text(i) for i in ids]}))
+    else:
+        print(" ".join(str(i) for i in ids))
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `vpmoe train` (also used by `python -m vpmoe.training` under torchrun)."""
+    p.add_argument("--config", default="configs/tiny.toml")
+    p.add_argument("--out", required=True, help="run folder for checkpoints (e.g. runs/demo)")
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides [training].steps)")
+    p.add_argument("--data", help="folder, glob or file of .txt/.jsonl/.parquet (default: built-in corpus)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--grad-accum-steps", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="overrides [runtime].dtype")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="vpmoe", description="Train, record, probe and audit vpMoE.")
@@ -61,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="build a model, run one forward and backward, print counts")
     p.add_argument("--config", default="configs/tiny.toml")
     p.set_defaults(func=_cmd_smoke)
+    add_train_arguments(sub.add_parser("train", help="train on the built-in corpus or --data"))
+    p = sub.add_parser("tokenize", help="print the o200k Harmony ids of a text")
+    p.add_argument("text")
+    p.add_argument("--special", action="store_true", help="parse Harmony markup such as <|start|>")
+    p.add_argument("--json", action="store_true", help="ids and token texts as JSON")
+    p.set_defaults(func=_cmd_tokenize)
     return parser
 
 

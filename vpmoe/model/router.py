@@ -115,10 +115,11 @@ class DeepSeekV3Router(KeepsFP32):
 
     def forward(self, x: Tensor) -> RouterOutput:
         """Route tokens x [N, D]; counts this routing when grad is enabled."""
-        logits = self.logits(F.linear(x.float(), self.weight.float(), self.bias.float()))
-        bias = self.expert_bias if self.use_expert_bias else None
-        scores, idx, weights = sigmoid_topk_routing(logits, bias, self.topk, self.num_groups, self.group_topk,
-                                                    self.scaling_factor)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the router stays fp32 under autocast
+            logits = self.logits(F.linear(x.float(), self.weight.float(), self.bias.float()))
+            bias = self.expert_bias if self.use_expert_bias else None
+            scores, idx, weights = sigmoid_topk_routing(logits, bias, self.topk, self.num_groups, self.group_topk,
+                                                        self.scaling_factor)
         scores, idx, weights = self.scores(scores), self.topk_idx(idx), self.topk_weights(weights)
         if torch.is_grad_enabled():
             self.expert_counts += torch.bincount(idx.flatten(), minlength=self.num_experts).float()
