@@ -63,21 +63,22 @@ def _training_config(args: argparse.Namespace):
     return cfg
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run_training(args: argparse.Namespace, cfg, dist, observer_factory: Callable | None = None) -> int:
+    """Train as `vpmoe train` does; `observer_factory(trainer)` may return a per-step observer (recording)."""
     from pathlib import Path
 
     import torch
 
     from vpmoe.training.checkpoint import CheckpointError
     from vpmoe.training.data import DataError, PackedDataset, unigram_loss
-    from vpmoe.training.distributed import init_distributed
     from vpmoe.training.loop import NonFiniteError, Trainer
 
-    cfg = _training_config(args)
-    dist = init_distributed(cfg.runtime.device)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         trainer = Trainer(cfg, Path(args.out), dist, data=args.data, text_field=args.text_field, resume=args.resume)
+        if observer_factory is not None:
+            trainer.observer = observer_factory(trainer)
         if dist.is_main:
             print(f"vpmoe train: {cfg.source}, {trainer.model.kernels.as_dict()}, {cfg.runtime.dtype}, "
                   f"{dist.world_size} rank(s), {trainer.global_batch_rows} rows x {cfg.training.seq_length} tokens "
@@ -94,11 +95,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         baseline = unigram_loss(PackedDataset(args.data, split="train", seq_length=cfg.training.seq_length,
                                               seed=cfg.training.seed, text_field=args.text_field), rows)
         tail = [h["lm_loss"] for h in result.history[-10:]] or [result.final_lm_loss]
+        held_out = result.last_eval_loss if result.last_eval_loss is not None else float("nan")
         print(f"done: {result.steps} steps; train loss (mean of last {len(tail)}) {sum(tail) / len(tail):.3f}, "
-              f"held-out {result.last_eval_loss if result.last_eval_loss is not None else float('nan'):.3f}; "
-              f"unigram baseline on the same data {baseline:.3f} nats/token")
+              f"held-out {held_out:.3f}; unigram baseline on the same data {baseline:.3f} nats/token")
         print(f"checkpoints: {', '.join(str(p) for p in result.checkpoints)}")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vpmoe.training.distributed import init_distributed
+
+    cfg = _training_config(args)
+    return run_training(args, cfg, init_distributed(cfg.runtime.device))
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:

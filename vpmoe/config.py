@@ -145,6 +145,20 @@ class TrainingConfig:
     seed: int = _spec(lo=0, default=0)
 
 
+@dataclass(frozen=True, slots=True)
+class RecordingConfig:
+    """What `--record` writes and how often (loads, bias and layer stats every `every` steps)."""
+
+    every: int = _spec(lo=1, default=1)
+    attention_every: int = _spec(lo=1, default=10)
+    probe_every: int = _spec(lo=1, default=50)
+    attention_queries: int = _spec(lo=1, default=128)
+    probe_tokens: int = _spec(lo=2, default=64)
+    max_map_heads: int = _spec(lo=1, default=64)
+    flush_every_steps: int = _spec(lo=1, default=10)
+    flush_every_s: float = _spec(lo=0.0, lo_open=True, default=2.0)
+
+
 ARCHITECTURE_TABLES: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "model": ModelConfig,
@@ -153,7 +167,8 @@ ARCHITECTURE_TABLES: dict[str, type] = {
     "grape": GrapeConfig,
     "moe": MoEConfig,
 }
-SETTINGS_TABLES: dict[str, type] = {"runtime": RuntimeConfig, "training": TrainingConfig}
+SETTINGS_TABLES: dict[str, type] = {"runtime": RuntimeConfig, "training": TrainingConfig,
+                                    "recording": RecordingConfig}
 ALL_TABLES: dict[str, type] = {**ARCHITECTURE_TABLES, **SETTINGS_TABLES, "meta": dict}
 
 
@@ -169,6 +184,7 @@ class VpMoEConfig:
     moe: MoEConfig
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
     source: str = "<dict>"
 
     @property
