@@ -122,7 +122,7 @@ def test_recorded_loads_equal_the_routers_own_counts(recorded):
 
 
 def test_layer_stats_lambdas_and_aux_losses(recorded):
-    store, cfg, _, lambdas, aux, _ = recorded
+    store, _, _, lambdas, aux, _ = recorded
     stats = queries.layer_stats(store, "r1")
     assert sorted(stats.step.unique()) == [1, 2, 3, 4, 5, 6]
     for step in (1, 6):
@@ -138,7 +138,7 @@ def test_layer_stats_lambdas_and_aux_losses(recorded):
 
 
 def test_attention_and_probe_rows(recorded):
-    store, cfg, *_, prompts = recorded
+    store, *_, prompts = recorded
     att = queries.attention_stats(store, "r1", step_range=(1, 6))
     assert sorted(att.step.unique()) == [2, 4, 6] and len(att[att.step == 2]) == 8 * 4
     assert set(att[att.layer % 4 == 0].kind) == {"global"} and set(att[att.layer % 4 != 0].kind) == {"local"}

@@ -1,6 +1,7 @@
 """Training: schedule, param groups, loss falls, exact resume, safe checkpoints, non-finite stop, bias update."""
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ def test_learning_rate_warmup_then_cosine(tiny_cfg):
     assert learning_rate(60, t) == pytest.approx(0.55)
     assert learning_rate(110, t) == pytest.approx(0.1)
     lrs = [learning_rate(s, t) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_param_groups_exclude_biases_norms_sinks_lambdas_and_grape(tiny_cfg):
