@@ -1,0 +1,817 @@
+"""The run store: the only code that writes or reads recorded runs.
+
+A store is a folder with one subfolder per run:
+
+    <store>/store.json                     store schema version
+    <store>/<run_id>/manifest.json         written first (status "running"), rewritten last
+    <store>/<run_id>/heartbeat.json        time of the writer's last sign of life
+    <store>/<run_id>/segments/<table>/<first:09d>-<last:09d>-seg-<writer>-<seq>.parquet
+    <store>/<run_id>/segments/<table>/<first:09d>-<last:09d>-compact-<token>.parquet
+    <store>/<run_id>/tmp/                  temp files, renamed into segments/ when complete
+
+A .duckdb file open for writing cannot be read by another process, so the writer only ever adds
+whole Parquet files (temp name, fsync, rename) and readers query them from in-memory DuckDB. A
+compacted file lists the files it replaces in its Parquet metadata; readers ignore those until
+they are deleted, so a reader never sees a row twice or misses one during compaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from analysis.schema import LOAD_ROLLUP_SQL, SCHEMA_VERSION, TABLES, SchemaVersionError, validate_batch
+
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+SEGMENT_NAME = re.compile(
+    r"(?P<first>\d{9,})-(?P<last>\d{9,})-(?P<kind>seg|compact)-(?P<token>[0-9a-f]{8}(?:-\d{6,})?)\.parquet")
+TEMP_NAME = re.compile(rf"(?:{SEGMENT_NAME.pattern}|manifest\.json|heartbeat\.json)\.tmp")
+STORE_FILE, MANIFEST, HEARTBEAT, COMPACT_LOCK = "store.json", "manifest.json", "heartbeat.json", "compact.lock"
+COVERS_KEY = b"vpmoe.covers"
+RESERVED_MANIFEST_KEYS = frozenset({"run_id", "status", "created_at", "finished_at", "schema_version", "writer",
+                                    "final"})
+CLOSING_STATUSES = ("complete", "failed")
+ROW_GROUP_ROWS = 122_880
+# A compacted file holds at most this many rows, so a step query still picks one small file by its
+# name on a 100M-row run (one file per table would make every step query read a large footer).
+COMPACT_FILE_ROWS = 32 * ROW_GROUP_ROWS
+RECOVERY_ATTEMPTS = 3
+
+T = TypeVar("T")
+
+
+class StoreError(ValueError):
+    """A run id, run state or query the store refuses; the message names the run or folder."""
+
+
+class StoreWarning(UserWarning):
+    """A stored file could not be read and was skipped (it is kept on disk)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One Parquet file of one table of one run, with the step range its name carries."""
+
+    path: Path
+    first: int
+    last: int
+    kind: str
+    rows: int
+    covers: frozenset[str]
+    schema: pa.Schema
+
+    @property
+    def name(self) -> str:
+        """The file name."""
+        return self.path.name
+
+
+@dataclass
+class _FooterEntry:
+    """What the footer of one file said, valid while its size and mtime do not change."""
+
+    size: int
+    mtime_ns: int
+    segment: Segment | None
+    pages_verified: bool = False
+
+
+def _now_iso() -> str:
+    """The current UTC time as ISO 8601."""
+    return datetime.now(UTC).isoformat()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomic(path: Path, tmp_dir: Path, write: Callable[[Any], None], *, durable: bool = True) -> None:
+    """Write `path` through `write(file)` under tmp_dir, fsync, and rename it into place."""
+    tmp = tmp_dir / f"{path.name}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _write_json_atomic(path: Path, tmp_dir: Path, value: Mapping[str, Any], *, durable: bool = True) -> None:
+    """Write a JSON file atomically (temp name, fsync, rename)."""
+    blob = json.dumps(value, indent=2, sort_keys=False).encode()
+    _write_file_atomic(path, tmp_dir, lambda handle: handle.write(blob), durable=durable)
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of a process in clock ticks since boot (Linux /proc), None if unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _process_alive(pid: int, start: int | None) -> bool:
+    """True while process `pid` runs and is the same process that started at `start` (pids are reused)."""
+    if Path("/proc/self/stat").exists():
+        return start is not None and _process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_run_id(run_id: object) -> str:
+    """`run_id` if it is a valid run id ([A-Za-z0-9._-], 1 to 128 characters, not only dots), else StoreError."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or set(run_id) == {"."}:
+        raise StoreError(f"run id {run_id!r} is not valid: use 1 to 128 of A-Z a-z 0-9 . _ - (not only dots)")
+    return run_id
+
+
+def _is_data_error(error: Exception) -> bool:
+    """True for errors that a missing or damaged file can cause (not syntax or binding errors); a
+    DuckDB result streamed to Arrow reports them as a plain OSError."""
+    data_errors = (duckdb.IOException, duckdb.InvalidInputException, duckdb.InternalException)
+    return type(error) in (duckdb.Error, OSError) or isinstance(error, data_errors)
+
+
+def _locked_connection(directory: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can read files under `directory` only and cannot change its settings."""
+    connection = duckdb.connect(config={"python_enable_replacements": False})
+    connection.execute("SET allowed_directories = $dirs", {"dirs": [f"{directory}{os.sep}"]})
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
+    return connection
+
+
+def _parquet_list(segments: list[Segment]) -> str:
+    """A SQL read_parquet(...) call over the segments' paths as quoted literals."""
+    literals = ", ".join("'" + str(segment.path).replace("'", "''") + "'" for segment in segments)
+    union = ", union_by_name = true" if len({segment.schema for segment in segments}) > 1 else ""
+    return f"read_parquet([{literals}]{union})"
+
+
+class Store:
+    """A folder of recorded runs: create runs for writing, list them, query them read-only."""
+
+    def __init__(self, root: str | Path, *, stale_after_s: float = 60.0) -> None:
+        """Open (creating if needed) the store folder; a writer silent for `stale_after_s` is gone."""
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stale_after_s = stale_after_s
+        self._footers: dict[Path, dict[str, _FooterEntry]] = {}  # segment folder -> file name -> footer
+        self._manifests: dict[Path, tuple[int, int, dict[str, Any]]] = {}
+        self._check_store_file()
+        self._db = _locked_connection(self.root)
+        self._db_lock = threading.Lock()
+
+    def create_run(self, run_id: str, manifest: Mapping[str, Any], *, flush_every_steps: int = 25,
+                   flush_every_s: float = 2.0, compact_every_flushes: int = 64) -> RunWriter:
+        """Start a new run: write its manifest (status "running") and return its writer.
+
+        `manifest` needs `config` (dict) and may hold `kernels`, `data` (dicts), `code_revision`,
+        `config_hash` and any other JSON provenance; run_id, status, times and the writer are set here.
+        """
+        check_run_id(run_id)
+        reserved = sorted(RESERVED_MANIFEST_KEYS & manifest.keys())
+        if reserved:
+            raise StoreError(f"run {run_id}: manifest keys {reserved} are set by the store; leave them out")
+        for key in ("config", "kernels", "data"):
+            if not isinstance(manifest.get(key, {}), Mapping):
+                raise StoreError(f"run {run_id}: manifest[{key!r}] must be a dict, got {type(manifest[key]).__name__}")
+        if "config" not in manifest:
+            raise StoreError(f"run {run_id}: manifest needs a 'config' dict")
+        config = manifest["config"]
+        record = {
+            "run_id": run_id, "status": "running", "created_at": _now_iso(), "schema_version": SCHEMA_VERSION,
+            "config_hash": manifest.get("config_hash") or _config_hash(run_id, config),
+            "kernels": {}, "data": {}, "code_revision": None, **manifest,
+            "writer": {"pid": os.getpid(), "hostname": socket.gethostname(),
+                       "process_start": _process_start(os.getpid())},
+        }
+        try:
+            json.dumps(record)
+        except (TypeError, ValueError) as error:
+            raise StoreError(f"run {run_id}: manifest is not JSON-serialisable: {error}") from error
+        self._write_store_file()
+        run_dir = self.root / run_id
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            raise StoreError(f"run {run_id!r} already exists at {run_dir}; pick a new run id") from None
+        (run_dir / "tmp").mkdir()
+        (run_dir / "segments").mkdir()
+        _write_json_atomic(run_dir / MANIFEST, run_dir / "tmp", record)
+        return RunWriter(self, run_dir, record, flush_every_steps=flush_every_steps, flush_every_s=flush_every_s,
+                         compact_every_flushes=compact_every_flushes)
+
+    def append_rows(self, run_id: str, table: str, columns: Mapping[str, Any]) -> None:
+        """Add rows to an existing run as one atomic segment (audits and other rows written after the fact)."""
+        run_dir = self._run_dir(run_id)
+        batch = validate_batch(table, columns, run_id)
+        with self._run_lock(run_dir):
+            self._write_segment(run_dir, table, [batch], _step_range(batch), "seg-" + os.urandom(4).hex())
+
+    def compact(self, run_id: str) -> None:
+        """Merge each table's segments of a run into sorted files of at most COMPACT_FILE_ROWS rows (one
+        file for all but the largest tables) and rebuild its roll-ups."""
+        run_dir = self._run_dir(run_id)
+        with self._run_lock(run_dir):
+            if self.status(run_id) != "running":
+                self._remove_temp_files(run_dir)
+            for table in TABLES:
+                if table != "load_rollup":
+                    self._compact_table(run_dir, table, major=True)
+            self._rebuild_load_rollup(run_dir)
+
+    def runs(self) -> pd.DataFrame:
+        """One row per run: run_id, status, created_at, finished_at, steps, last_step, tokens,
+        config_hash, code_revision, writer_host, schema_version (ordered by created_at)."""
+        rows = []
+        for run_dir, manifest in self._readable_runs():
+            steps, _ = self._scan(run_dir, "steps")
+            rows.append({
+                "run_id": run_dir.name, "status": self._status(run_dir, manifest),
+                "created_at": manifest.get("created_at"), "finished_at": manifest.get("finished_at"),
+                "steps": sum(segment.rows for segment in steps),
+                "last_step": max((segment.last for segment in steps), default=None),
+                "tokens": (manifest.get("final") or {}).get("tokens"),
+                "config_hash": manifest.get("config_hash"), "code_revision": manifest.get("code_revision"),
+                "writer_host": manifest["writer"].get("hostname"), "schema_version": manifest["schema_version"],
+            })
+        columns = ["run_id", "status", "created_at", "finished_at", "steps", "last_step", "tokens", "config_hash",
+                   "code_revision", "writer_host", "schema_version"]
+        return pd.DataFrame(rows, columns=columns).sort_values("created_at", ignore_index=True)
+
+    def manifest(self, run_id: str) -> dict[str, Any]:
+        """The run's manifest as written (a copy)."""
+        return json.loads(json.dumps(self._manifest(self._run_dir(run_id))))
+
+    def status(self, run_id: str) -> str:
+        """"running", "complete", "failed" or "incomplete" (the manifest says running but the writer is gone)."""
+        run_dir = self._run_dir(run_id)
+        return self._status(run_dir, self._manifest(run_dir))
+
+    def last_step(self, run_id: str, table: str = "steps") -> int | None:
+        """The highest step of `table` acknowledged for the run, from file names (no data read); None if none."""
+        run_dir = self._existing_run_dir(run_id)
+        if run_dir is None or table not in TABLES:
+            return None
+        return max((segment.last for segment in self._scan(run_dir, table)[0]), default=None)
+
+    def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None, *, run: str | None = None,
+            steps: tuple[int, int] | None = None) -> pd.DataFrame:
+        """Run one read-only SELECT over the store's tables (views named after them) and return a DataFrame.
+
+        `run` and `steps` (a closed step range) only narrow which files the views read; the query
+        must still filter rows itself. A run that does not exist gives empty tables.
+        """
+        self._check_read_only(query)
+        mentioned = set(re.findall(r"[a-z_]+", query.lower())) & TABLES.keys()
+
+        def list_views() -> dict[str, list[Segment]]:
+            # steps is renamed last at a flush, so listing it first means every step it shows is
+            # complete in the tables listed after it.
+            order = sorted(mentioned, key=lambda table: (table != "steps", table))
+            return {table: self._table_segments(table, run, steps) for table in order}
+
+        def execute(views: dict[str, list[Segment]]) -> pd.DataFrame:
+            with self._cursor() as cursor:
+                for table, segments in views.items():
+                    if segments:
+                        cursor.execute(f"create temp view {table} as select * from {_parquet_list(segments)}")
+                    else:
+                        cursor.register(table, TABLES[table].schema.empty_table())
+                # Arrow to pandas is about twice as fast as .df() for roll-up sized results.
+                return cursor.sql(query, params=params).to_arrow_table().to_pandas()
+
+        return self._recovering(list_views, execute)
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection of its own to the store's in-memory database (temp views stay private to it)."""
+        with self._db_lock:
+            cursor = self._db.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+
+    def _load_rollup(self, router_load: pa.Table) -> pa.Table:
+        """The load_rollup rows of a batch of router_load rows."""
+        with self._cursor() as cursor:
+            cursor.register("batch", router_load)
+            data = cursor.sql(LOAD_ROLLUP_SQL.format(source="batch")).to_arrow_table()
+        return data.cast(TABLES["load_rollup"].schema)
+
+    def _check_store_file(self) -> None:
+        """Refuse a store whose store.json carries a newer or unknown schema version."""
+        path = self.root / STORE_FILE
+        if not path.exists():
+            return
+        try:
+            version = json.loads(path.read_text()).get("schema_version")
+        except (OSError, ValueError, AttributeError) as error:
+            raise StoreError(f"{path}: cannot read the store file: {error}") from error
+        _check_version(self.root, version)
+
+    def _write_store_file(self) -> None:
+        """Write store.json once, when the first run is created."""
+        path = self.root / STORE_FILE
+        if not path.exists():
+            _write_json_atomic(path, self.root, {"schema_version": SCHEMA_VERSION, "created_at": _now_iso()})
+
+    def _run_dir(self, run_id: str) -> Path:
+        """The folder of an existing run, else StoreError."""
+        check_run_id(run_id)
+        run_dir = self.root / run_id
+        if not (run_dir / MANIFEST).is_file():
+            raise StoreError(f"no run {run_id!r} in {self.root}")
+        return run_dir
+
+    def _existing_run_dir(self, run_id: object) -> Path | None:
+        """The folder of `run_id` if it names an existing run, None for anything else (hostile text included)."""
+        try:
+            return self._run_dir(run_id)  # type: ignore[arg-type]
+        except StoreError:
+            return None
+
+    def _readable_runs(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """(folder, manifest) of every run by name; an unreadable manifest is skipped with a warning,
+        a newer schema version raises."""
+        run_dirs = sorted(path.parent for path in self.root.glob(f"*/{MANIFEST}") if RUN_ID.fullmatch(path.parent.name))
+        for run_dir in run_dirs:
+            try:
+                yield run_dir, self._manifest(run_dir)
+            except SchemaVersionError:
+                raise
+            except StoreError as error:
+                warnings.warn(f"skipping run: {error}", StoreWarning, stacklevel=3)
+
+    def _manifest(self, run_dir: Path) -> dict[str, Any]:
+        """The run's manifest (cached while the file is unchanged), schema version checked."""
+        path = run_dir / MANIFEST
+        stat = path.stat()
+        cached = self._manifests.get(path)
+        if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+            return cached[2]
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{path}: cannot read the run manifest: {error}") from error
+        _check_version(run_dir, manifest.get("schema_version"))
+        self._manifests[path] = (stat.st_size, stat.st_mtime_ns, manifest)
+        return manifest
+
+    def _status(self, run_dir: Path, manifest: Mapping[str, Any]) -> str:
+        """The manifest status, with "running" turned into "incomplete" when its writer is gone."""
+        if manifest["status"] != "running":
+            return manifest["status"]
+        writer = manifest["writer"]
+        if writer.get("hostname") == socket.gethostname():
+            return "running" if _process_alive(writer["pid"], writer.get("process_start")) else "incomplete"
+        return "running" if time.time() - self._heartbeat_time(run_dir, manifest) < self.stale_after_s else "incomplete"
+
+    @staticmethod
+    def _heartbeat_time(run_dir: Path, manifest: Mapping[str, Any]) -> float:
+        """Unix time of the writer's last heartbeat (its start time if it never beat)."""
+        try:
+            return float(json.loads((run_dir / HEARTBEAT).read_text())["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return datetime.fromisoformat(manifest["created_at"]).timestamp()
+
+    def _footer(self, path: Path, size: int, mtime_ns: int) -> Segment | None:
+        """The segment at `path` if its Parquet footer reads, else None after a warning naming the file."""
+        entry = self._footer_entry(path)
+        if entry is not None and (entry.size, entry.mtime_ns) == (size, mtime_ns):
+            return entry.segment
+        match = SEGMENT_NAME.fullmatch(path.name)
+        try:
+            metadata = pq.read_metadata(path)
+            covers = json.loads((metadata.metadata or {}).get(COVERS_KEY, b"[]"))
+            segment = Segment(path=path, first=int(match["first"]), last=int(match["last"]), kind=match["kind"],
+                              rows=metadata.num_rows, covers=frozenset(covers),
+                              schema=metadata.schema.to_arrow_schema().remove_metadata())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, pa.ArrowException) as error:
+            warnings.warn(f"skipping unreadable segment {path}: {error}", StoreWarning, stacklevel=4)
+            segment = None
+        self._footers.setdefault(path.parent, {})[path.name] = _FooterEntry(size, mtime_ns, segment)
+        return segment
+
+    def _footer_entry(self, path: Path) -> _FooterEntry | None:
+        """The cached footer of `path`, if any."""
+        return self._footers.get(path.parent, {}).get(path.name)
+
+    def _scan(self, run_dir: Path, table: str) -> tuple[list[Segment], list[Segment]]:
+        """(visible, replaced) readable segments of one table: replaced ones are listed by a compacted file."""
+        directory = run_dir / "segments" / table
+        for _attempt in range(5):
+            segments, vanished = [], False
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                return [], []
+            for entry in entries:
+                if not SEGMENT_NAME.fullmatch(entry.name):
+                    continue
+                try:
+                    stat = entry.stat()
+                    segment = self._footer(Path(entry.path), stat.st_size, stat.st_mtime_ns)
+                except FileNotFoundError:
+                    # A compaction removed it after renaming its replacement in: list again to see that.
+                    vanished = True
+                    break
+                if segment is not None:
+                    segments.append(segment)
+            if not vanished:
+                # Forget files that are gone, so a long-lived reader's cache does not grow with compactions.
+                known = self._footers.get(directory, {})
+                self._footers[directory] = {entry.name: known[entry.name] for entry in entries if entry.name in known}
+                replaced_names = frozenset().union(*(segment.covers for segment in segments))
+                visible = [segment for segment in segments if segment.name not in replaced_names]
+                replaced = [segment for segment in segments if segment.name in replaced_names]
+                return sorted(visible, key=_segment_order), replaced
+        raise StoreError(f"{directory}: segments kept changing while being listed")
+
+    def _table_segments(self, table: str, run: str | None, steps: tuple[int, int] | None) -> list[Segment]:
+        """Visible segments of `table` for one run (or all runs), narrowed to files overlapping `steps`."""
+        if run is None:
+            run_dirs = [run_dir for run_dir, _ in self._readable_runs()]
+        else:
+            run_dir = self._existing_run_dir(run)
+            run_dirs = [] if run_dir is None else [run_dir]
+        segments = []
+        for run_dir in run_dirs:
+            self._manifest(run_dir)
+            segments += self._scan(run_dir, table)[0]
+        if steps is not None:
+            first, last = steps
+            segments = [segment for segment in segments if segment.first <= last and segment.last >= first]
+        return segments
+
+    def _verify_pages(self, segments: list[Segment]) -> bool:
+        """Read every page of each segment with checksums; mark and warn about bad ones. True if any was bad."""
+        found_bad = False
+        for segment in segments:
+            entry = self._footer_entry(segment.path)
+            if entry is None or entry.pages_verified or entry.segment is None:
+                continue
+            try:
+                for _batch in pq.ParquetFile(segment.path, page_checksum_verification=True).iter_batches():
+                    pass
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, pa.ArrowException) as error:
+                warnings.warn(f"skipping damaged segment {segment.path}: {error}", StoreWarning, stacklevel=4)
+                entry.segment, found_bad = None, True
+            entry.pages_verified = True
+        return found_bad
+
+    def _recovering(self, list_files: Callable[[], Any], read: Callable[[Any], T]) -> T:
+        """`read(list_files())`, retried when a file vanished (compaction) or turns out damaged (skipped)."""
+        files = list_files()
+        for attempt in range(RECOVERY_ATTEMPTS):
+            try:
+                return read(files)
+            except (duckdb.Error, OSError) as error:
+                if not _is_data_error(error) or attempt == RECOVERY_ATTEMPTS - 1:
+                    raise
+                flat = [segment for group in (files.values() if isinstance(files, dict) else [files])
+                        for segment in group]
+                found_bad = self._verify_pages(flat)
+                relisted = list_files()
+                if not found_bad and relisted == files:
+                    raise
+                files = relisted
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @staticmethod
+    def _check_read_only(query: str) -> None:
+        """Refuse anything but exactly one SELECT (or WITH ... SELECT) statement."""
+        try:
+            statements = duckdb.extract_statements(query)
+        except duckdb.Error as error:
+            raise StoreError(f"query does not parse: {error}") from error
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            kinds = [statement.type.name for statement in statements]
+            raise StoreError(f"store.sql runs exactly one read-only SELECT statement, got {kinds or 'none'}")
+
+    def _write_segment(self, run_dir: Path, table: str, parts: Iterable[pa.Table | pa.RecordBatch],
+                       steps: tuple[int, int], token: str, covers: list[str] | None = None) -> Path:
+        """Write rows of one table (steps[0]..steps[1]) as a new segment atomically, in full-size row groups."""
+        path = run_dir / "segments" / table / f"{steps[0]:09d}-{steps[1]:09d}-{token}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        schema = TABLES[table].schema
+        if covers:
+            schema = schema.with_metadata({COVERS_KEY: json.dumps(sorted(covers)).encode()})
+
+        def write(handle: Any) -> None:
+            with pq.ParquetWriter(handle, schema, compression="zstd", write_page_checksum=True) as writer:
+                for group in _row_groups(parts, schema):
+                    writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
+
+        _write_file_atomic(path, run_dir / "tmp", write)
+        return path
+
+    @contextlib.contextmanager
+    def _run_lock(self, run_dir: Path, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the run's compaction lock (an advisory flock, released if the holder dies); yields if held."""
+        with open(run_dir / COMPACT_LOCK, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _compact_table(self, run_dir: Path, table: str, *, major: bool) -> None:
+        """Merge runs of consecutive segments into files of up to COMPACT_FILE_ROWS rows; a minor
+        compaction (live run) merges only the writer's small segments."""
+        visible, replaced = self._scan(run_dir, table)
+        # Files a compacted file already replaces can go first: readers ignore them anyway.
+        self._remove_segments(replaced)
+        inputs = visible if major else [segment for segment in visible if segment.kind == "seg"]
+        for group in _groups_up_to(inputs, COMPACT_FILE_ROWS):
+            if len(group) > 1:
+                in_order = all(a.last < b.first for a, b in itertools.pairwise(group))
+                order = "" if in_order else " order by " + ", ".join(TABLES[table].sort_key)
+                self._merge_into_segment(run_dir, table, group,
+                                         lambda files, order=order: f"select * from {_parquet_list(files)}{order}")
+
+    def _rebuild_load_rollup(self, run_dir: Path) -> None:
+        """Recompute the load roll-up from the whole (compacted) router_load and replace its segments."""
+        loads, _ = self._scan(run_dir, "router_load")
+        visible, replaced = self._scan(run_dir, "load_rollup")
+        self._remove_segments(replaced)
+        if not loads:
+            self._compact_table(run_dir, "load_rollup", major=True)
+            return
+        if all(segment.kind == "compact" for segment in loads + visible) and len(visible) == 1:
+            return
+        self._merge_into_segment(run_dir, "load_rollup", loads,
+                                 lambda files: LOAD_ROLLUP_SQL.format(source=_parquet_list(files)),
+                                 replaces=visible)
+
+    def _merge_into_segment(self, run_dir: Path, table: str, inputs: list[Segment],
+                            query: Callable[[list[Segment]], str], replaces: list[Segment] | None = None) -> None:
+        """Write query(inputs) as one compacted segment that lists what it replaces, then delete those.
+
+        `replaces` defaults to the inputs; damaged inputs found while reading are skipped and kept.
+        """
+        token = "compact-" + os.urandom(4).hex()
+
+        def merge(files: list[Segment]) -> tuple[Path, list[Segment]]:
+            gone = files if replaces is None else replaces
+            steps = min(segment.first for segment in files), max(segment.last for segment in files)
+            with self._cursor() as cursor:
+                batches = cursor.sql(query(files)).to_arrow_reader(ROW_GROUP_ROWS)
+                path = self._write_segment(run_dir, table, batches, steps, token,
+                                           covers=[segment.name for segment in gone])
+            return path, gone
+
+        def readable_inputs() -> list[Segment]:
+            entries = [self._footer_entry(segment.path) for segment in inputs]
+            return [segment for segment, entry in zip(inputs, entries, strict=True)
+                    if entry is not None and entry.segment is not None]
+
+        _, gone = self._recovering(readable_inputs, merge)
+        self._remove_segments(gone)
+
+    @staticmethod
+    def _remove_segments(segments: list[Segment]) -> None:
+        """Delete segment files the store wrote and a compacted file now replaces."""
+        for segment in segments:
+            if SEGMENT_NAME.fullmatch(segment.name):
+                segment.path.unlink(missing_ok=True)
+        if segments:
+            _fsync_dir(segments[0].path.parent)
+
+    @staticmethod
+    def _remove_temp_files(run_dir: Path) -> None:
+        """Delete temp files left by a writer or compaction that died (only names the store uses)."""
+        for path in (run_dir / "tmp").iterdir():
+            if TEMP_NAME.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+
+
+def _groups_up_to(segments: list[Segment], rows: int) -> list[list[Segment]]:
+    """Consecutive segments (in step order) grouped so that no group holds more than `rows` rows,
+    except a single segment that is larger on its own."""
+    groups: list[list[Segment]] = []
+    group_rows = 0
+    for segment in segments:
+        if not groups or group_rows + segment.rows > rows:
+            groups.append([])
+            group_rows = 0
+        groups[-1].append(segment)
+        group_rows += segment.rows
+    return groups
+
+
+def _row_groups(parts: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:
+    """The parts regrouped into tables of ROW_GROUP_ROWS rows (the last one shorter): a compaction reads
+    many small segments and must not write one tiny row group per segment."""
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for part in parts:
+        table = pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part
+        pending.append(table.cast(schema))
+        pending_rows += table.num_rows
+        if pending_rows >= ROW_GROUP_ROWS:
+            merged = pa.concat_tables(pending)
+            full = pending_rows - pending_rows % ROW_GROUP_ROWS
+            yield merged.slice(0, full)
+            pending, pending_rows = [merged.slice(full)], pending_rows - full
+    if pending_rows:
+        yield pa.concat_tables(pending)
+
+
+def _step_range(data: pa.Table) -> tuple[int, int]:
+    """The lowest and highest step in a batch of rows."""
+    low, high = pc.min_max(data["step"]).values()
+    return low.as_py(), high.as_py()
+
+
+def _segment_order(segment: Segment) -> tuple[int, int, str]:
+    """Segments in step order, ties by name."""
+    return segment.first, segment.last, segment.name
+
+
+def _check_version(folder: Path, version: object) -> None:
+    """SchemaVersionError unless `version` is an integer this code can read."""
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{folder}: schema version {version!r} cannot be read by this code (schema version {SCHEMA_VERSION}); "
+            "a newer vpmoe wrote it, or it is not a vpmoe store")
+
+
+def _config_hash(run_id: str, config: Mapping[str, Any]) -> str:
+    """sha256 of the config's canonical JSON (first 16 hex digits)."""
+    try:
+        blob = json.dumps(config, sort_keys=True).encode()
+    except (TypeError, ValueError) as error:
+        raise StoreError(f"run {run_id}: manifest['config'] is not JSON-serialisable: {error}") from error
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class RunWriter:
+    """Buffers one run's rows in memory and writes them as atomic Parquet segments.
+
+    Flushes happen when a new step begins and `flush_every_steps` steps or `flush_every_s` seconds
+    have gathered, so a step's rows of all tables land together. Not thread-safe: one recorder.
+    """
+
+    def __init__(self, store: Store, run_dir: Path, manifest: dict[str, Any], *, flush_every_steps: int,
+                 flush_every_s: float, compact_every_flushes: int) -> None:
+        """Use Store.create_run; this is its return value."""
+        self._store = store
+        self._run_dir = run_dir
+        self._manifest = manifest
+        self._flush_every_steps = flush_every_steps
+        self._flush_every_s = flush_every_s
+        self._compact_every_flushes = compact_every_flushes
+        self._buffer: dict[str, list[pa.Table]] = {}
+        self._buffered_steps: set[int] = set()
+        self._max_buffered_step = -1
+        self._writer_token = os.urandom(4).hex()
+        self._flushes = 0
+        self._last_flush = time.monotonic()
+        self._last_heartbeat = 0.0
+        self._last_step: int | None = None
+        self._closed = False
+        self.heartbeat()
+
+    @property
+    def run_id(self) -> str:
+        """The run this writer records."""
+        return self._run_dir.name
+
+    def append(self, table: str, columns: Mapping[str, Any]) -> None:
+        """Buffer rows for `table` (run_id is filled in; scalars are repeated); may flush earlier steps first."""
+        if self._closed:
+            raise StoreError(f"run {self.run_id}: the writer is closed")
+        batch = validate_batch(table, columns, self.run_id)
+        if batch.num_rows == 0:
+            return
+        first, last = _step_range(batch)
+        if first > self._max_buffered_step and self._buffered_steps and self._flush_due():
+            self.flush()
+        self._buffer.setdefault(table, []).append(batch)
+        self._buffered_steps.update(pc.unique(batch["step"]).to_pylist())
+        self._max_buffered_step = max(self._max_buffered_step, last)
+        if time.monotonic() - self._last_heartbeat > min(5.0, self._store.stale_after_s / 4):
+            self.heartbeat()
+
+    def flush(self) -> None:
+        """Write one segment per table with buffered rows; when this returns, those steps are acknowledged."""
+        tables = {name: pa.concat_tables(parts).sort_by([(key, "ascending") for key in TABLES[name].sort_key])
+                  for name, parts in self._buffer.items() if parts}
+        if not tables:
+            self.heartbeat()
+            return
+        if "router_load" in tables:
+            tables["load_rollup"] = self._store._load_rollup(tables["router_load"])
+        self._flushes += 1
+        token = f"seg-{self._writer_token}-{self._flushes:06d}"
+        # steps goes last: a step whose steps row is visible has all its other rows visible too.
+        for name in sorted(tables, key=lambda table: table == "steps"):
+            self._store._write_segment(self._run_dir, name, [tables[name]], _step_range(tables[name]), token)
+            self._buffer.pop(name, None)
+        if "steps" in tables:
+            self._last_step = max(self._last_step or 0, pc.max(tables["steps"]["step"]).as_py())
+        self._buffered_steps.clear()
+        self._max_buffered_step = -1
+        self._last_flush = time.monotonic()
+        self.heartbeat()
+        if self._compact_every_flushes and self._flushes % self._compact_every_flushes == 0:
+            self._compact_small_segments()
+
+    def heartbeat(self) -> None:
+        """Tell readers this writer is alive (call it during long pauses with nothing to append)."""
+        _write_json_atomic(self._run_dir / HEARTBEAT, self._run_dir / "tmp",
+                           {"time": time.time(), "last_step": self._last_step}, durable=False)
+        self._last_heartbeat = time.monotonic()
+
+    def close(self, status: str = "complete", **final_fields: Any) -> None:
+        """Flush, compact and build roll-ups (if complete), then rewrite the manifest with `status` last."""
+        if self._closed:
+            return
+        if status not in CLOSING_STATUSES:
+            raise StoreError(f"run {self.run_id}: close status must be one of {CLOSING_STATUSES}, got {status!r}")
+        try:
+            json.dumps(final_fields)
+        except (TypeError, ValueError) as error:
+            raise StoreError(f"run {self.run_id}: final fields are not JSON-serialisable: {error}") from error
+        self.flush()
+        if status == "complete":
+            self._store.compact(self.run_id)
+        self._manifest = {**self._manifest, "status": status, "finished_at": _now_iso(), "final": final_fields}
+        _write_json_atomic(self._run_dir / MANIFEST, self._run_dir / "tmp", self._manifest)
+        self._closed = True
+
+    def _flush_due(self) -> bool:
+        """True when enough steps or seconds have gathered since the last flush."""
+        return (len(self._buffered_steps) >= self._flush_every_steps
+                or time.monotonic() - self._last_flush >= self._flush_every_s)
+
+    def _compact_small_segments(self) -> None:
+        """Merge this run's small segments so a live reader opens few files; skipped if a compaction runs."""
+        with self._store._run_lock(self._run_dir, wait=False) as held:
+            if held:
+                for table in TABLES:
+                    self._store._compact_table(self._run_dir, table, major=False)
+
+    def __enter__(self) -> RunWriter:
+        """The writer itself."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Close as complete, or as failed when the block raised (never complete then)."""
+        if exc is None:
+            self.close("complete")
+            return
+        try:
+            self.close("failed")
+        except Exception as close_error:
+            exc.add_note(f"closing run {self.run_id} as failed also failed: {close_error!r}")
+
