@@ -40,11 +40,11 @@ def main() -> None:
         params = [p.requires_grad_() for p in params]
         times = {}
         for label, fn in (("grouped", experts_grouped), ("loop", experts_reference), ("dense", experts_dense)):
-            def fwd(fn=fn):
+            def fwd(fn=fn, x=x, idx=idx, weights=weights, params=params):
                 with torch.no_grad():
                     return fn(x, idx, weights, *params)
 
-            def train(fn=fn):
+            def train(fn=fn, x=x, idx=idx, weights=weights, params=params):
                 fn(x, idx, weights, *params).square().sum().backward()
 
             heavy = label == "dense" and name == "locked"

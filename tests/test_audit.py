@@ -399,7 +399,7 @@ def test_no_checkpoint_or_no_data_gives_exit_3(checkpoint: Path, tmp_path: Path)
 def audit_page(store_root: Path, run_id: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     """The Audit page on `store_root` with `run_id` chosen in the sidebar."""
     monkeypatch.setenv(STORE_ENV, str(store_root))
-    test = AppTest.from_string(PAGE_DRIVER.format(page=str(ROOT / "pages" / "8_Audit.py")), default_timeout=60)
+    test = AppTest.from_string(PAGE_DRIVER.format(page=str(ROOT / "pages" / "audit.py")), default_timeout=60)
     test.query_params["run"] = run_id
     test.run()
     assert not test.exception, [error.message for error in test.exception]

@@ -21,8 +21,9 @@ def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "dist_worker.py"),
-                           str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    worker = ROOT / "tests" / "dist_worker.py"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -42,7 +43,7 @@ def _single_rank(tiny_cfg, tmp_path):
 
 
 def test_two_ranks_equal_one_rank_with_the_whole_batch(two_ranks, tiny_cfg, tmp_path):
-    trainer, grads, counts, info = _single_rank(tiny_cfg, tmp_path)
+    trainer, grads, _, info = _single_rank(tiny_cfg, tmp_path)
     ranks = [load_file(str(two_ranks / f"rank{r}.safetensors")) for r in (0, 1)]
     meta = [json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert meta[0]["lm_loss"] == meta[1]["lm_loss"] == pytest.approx(info.lm_loss, rel=1e-5)

@@ -382,7 +382,7 @@ PAGE_DRIVER = textwrap.dedent("""
 def test_probe_page_shows_routing_and_attention_for_a_hostile_prompt(checkpoint: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(STORE_ENV, str(checkpoint.parent.parent))
-    test = AppTest.from_string(PAGE_DRIVER.format(page=str(ROOT / "pages" / "7_Probe.py")), default_timeout=120)
+    test = AppTest.from_string(PAGE_DRIVER.format(page=str(ROOT / "pages" / "probe.py")), default_timeout=120)
     test.run()
     assert not test.exception, [error.message for error in test.exception]
     hostile = "<script>alert(1)</script> <img src=x onerror=alert(2)>"
@@ -400,7 +400,7 @@ def test_probe_page_without_checkpoints_or_with_a_prompt_too_long(checkpoint: Pa
     store_root = checkpoint.parent.parent
     Store(store_root).create_run("no-checkpoints", {"config": tiny_cfg.to_dict()}).close()
     monkeypatch.setenv(STORE_ENV, str(store_root))
-    page = PAGE_DRIVER.format(page=str(ROOT / "pages" / "7_Probe.py"))
+    page = PAGE_DRIVER.format(page=str(ROOT / "pages" / "probe.py"))
     empty = AppTest.from_string(page, default_timeout=60)
     empty.query_params["run"] = "no-checkpoints"
     empty.run()

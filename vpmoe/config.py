@@ -118,7 +118,7 @@ class RuntimeConfig:
 
     device: str = _spec(choices=("auto", "cpu", "cuda"), default="cpu")
     dtype: str = _spec(choices=("float32", "bfloat16"), default="float32")
-    attention_kernel: str = _spec(choices=("auto", "reference", "blocked"), default="auto")
+    attention_kernel: str = _spec(choices=("auto", "reference", "blocked", "flex"), default="auto")
     expert_kernel: str = _spec(choices=("auto", "reference", "grouped"), default="auto")
     compile: bool = _spec(default=False)
 

@@ -7,7 +7,9 @@ from torch import Tensor, nn
 
 from vpmoe.config import VpMoEConfig
 from vpmoe.model.attention_math import attention_local_blocked, attention_reference, attention_sdpa
+from vpmoe.model.flex_attention import FlexMasks, attention_flex, flex_function
 from vpmoe.model.hooks import HookPoint
+from vpmoe.model.kernels import run_device_type
 from vpmoe.model.norms import RMSNorm
 from vpmoe.model.positional import alibi_slopes, grape_m_rotate
 from vpmoe.model.tpa import GQAProjection, TPAProjection
@@ -19,7 +21,8 @@ class Attention(nn.Module):
     -> value mix -> scaled logits (+ ALiBi, global) -> mask -> sink softmax -> output projection.
 
     Hook points: `q` [B,T,H,d] and `k` [B,T,G,d] as they enter the logits, `v` [B,T,G,d] after the value
-    mix, and `probs` [B,H,T,T], which only the reference kernel materialises and fires.
+    mix, and `probs` [B,H,T,T], which only the reference kernel materialises and fires. The kernel ('reference',
+    'blocked': blocked local + SDPA global, or 'flex': FlexAttention for both) is fixed at construction.
     """
 
     def __init__(self, cfg: VpMoEConfig, layer: int, kind: Literal["local", "global"], kernel: str) -> None:
@@ -45,9 +48,14 @@ class Attention(nn.Module):
         nn.init.normal_(self.linear_proj.weight, std=out_std)
         nn.init.zeros_(self.linear_proj.bias)
         self.q, self.k, self.v, self.probs = HookPoint(), HookPoint(), HookPoint(), HookPoint()
+        self._flex = flex_function(run_device_type(cfg)) if kernel == "flex" else None
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], v1: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x [B, T, D] (normed) -> (output [B, T, D], this layer's pre-mix values for the value residual)."""
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], v1: Tensor | None, masks: FlexMasks | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """x [B, T, D] (normed) -> (output [B, T, D], this layer's pre-mix values for the value residual).
+
+        `masks` are the FlexAttention block masks for this sequence length, needed by the 'flex' kernel only.
+        """
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         if self.q_norm is not None:
@@ -65,6 +73,10 @@ class Attention(nn.Module):
         if self.kernel == "reference":
             out, probs = attention_reference(q, k, v, self.sinks, self.window, self.alibi_slopes, dropout_p)
             self.probs(probs)
+        elif self._flex is not None:
+            if masks is None:
+                raise ValueError(f"layer {self.layer}: the flex kernel needs the block masks, got None")
+            out = attention_flex(q, k, v, self.sinks, masks[self.kind], self.alibi_slopes, self._flex)
         elif self.kind == "local":
             out = attention_local_blocked(q, k, v, self.sinks, self.window, dropout_p)
         else:

@@ -9,7 +9,7 @@ from vpmoe.config import ConfigError, VpMoEConfig
 
 @dataclass(frozen=True, slots=True)
 class KernelChoice:
-    """Resolved kernels: attention 'reference' | 'blocked'; experts 'reference' | 'grouped'."""
+    """Resolved kernels: attention 'reference' | 'blocked' | 'flex'; experts 'reference' | 'grouped'."""
 
     attention: str
     experts: str
@@ -25,11 +25,38 @@ def _grouped_mm_aligned(cfg: VpMoEConfig) -> bool:
     return cfg.model.hidden_size % step == 0 and cfg.model.ffn_hidden_size % step == 0
 
 
+def run_device_type(cfg: VpMoEConfig) -> str:
+    """'cuda' when the run asks for it ([runtime].device = "cuda", or "auto" with a CUDA device present), else 'cpu'."""
+    if cfg.runtime.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.runtime.device
+
+
+def _flex_problem(cfg: VpMoEConfig, device_type: str) -> str | None:
+    """Why FlexAttention cannot run this config on `device_type`, or None when it can."""
+    if cfg.attention.attention_dropout > 0:
+        return (f"cannot apply attention dropout ([attention].attention_dropout = {cfg.attention.attention_dropout}); "
+                "use \"blocked\" or \"reference\"")
+    if cfg.runtime.compile and device_type == "cpu":
+        return ("cannot run under [runtime].compile = true on CPU: compiled FlexAttention on CPU is inference-only "
+                "and cannot return the log-sum-exp the sink needs; set compile = false or use \"blocked\"")
+    return None
+
+
 def resolve_kernels(cfg: VpMoEConfig) -> KernelChoice:
-    """Turn `auto` into a concrete kernel and check that an explicit request can run here."""
+    """Turn `auto` into a concrete kernel and check that an explicit request can run here.
+
+    Attention `auto` is "flex" on CUDA (when FlexAttention can run the config) and "blocked" otherwise. An explicit
+    "flex" on CPU is accepted for inference: PyTorch's CPU FlexAttention runs forward only.
+    """
     attention = cfg.runtime.attention_kernel
-    if attention == "auto":
-        attention = "blocked"
+    if attention in ("auto", "flex"):
+        device_type = run_device_type(cfg)
+        flex_problem = _flex_problem(cfg, device_type)
+        if attention == "flex" and flex_problem is not None:
+            raise ConfigError(f"{cfg.source}: [runtime].attention_kernel = \"flex\" {flex_problem}")
+        if attention == "auto":
+            attention = "flex" if device_type == "cuda" and flex_problem is None else "blocked"
     experts = cfg.runtime.expert_kernel
     grouped_ok = hasattr(torch, "_grouped_mm") and _grouped_mm_aligned(cfg)
     if experts == "auto":

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from vpmoe.config import VpMoEConfig
 from vpmoe.model.block import TransformerBlock
+from vpmoe.model.flex_attention import FlexBlockMasks
 from vpmoe.model.kernels import KernelChoice, resolve_kernels
 from vpmoe.model.lm_head import IGNORE_INDEX, lm_loss_chunked
 from vpmoe.model.moe import MoEFFN
@@ -50,6 +51,8 @@ class VpMoE(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg, layer, kind, is_moe, self.kernels.attention, self.kernels.experts)
             for layer, (kind, is_moe) in enumerate(zip(cfg.layer_kinds, cfg.moe_layers, strict=True), start=1))
+        # Block masks depend only on the sequence length: built once per length here, shared by every layer.
+        self.flex_masks = FlexBlockMasks(cfg.attention.window_size) if self.kernels.attention == "flex" else None
         self.final_norm = RMSNorm(m.hidden_size, m.norm_epsilon)
         self.lm_head = nn.Linear(m.hidden_size, cfg.tokenizer.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=m.init_method_std)
@@ -85,10 +88,11 @@ class VpMoE(nn.Module):
         B, T = tokens.shape
         x = self.embedding(tokens)
         rotary = self.grape_m(T)
+        masks = self.flex_masks(T, tokens.device) if self.flex_masks is not None else None
         v1 = None
         aux_terms = []
         for block in self.blocks:
-            x, v_own, aux = block(x, rotary, v1)
+            x, v_own, aux = block(x, rotary, v1, masks)
             if v1 is None:
                 v1 = v_own
             if aux is not None:

@@ -1,0 +1,296 @@
+"""Dashboard latency and bytes in Chromium, per page, on a store of the locked model's shape (not a test).
+
+For each page: the first load (nothing cached), then repeated loads and reruns with the server's caches
+warm, as p50/p95 seconds from navigation (or from the interaction) until the script run is over and every
+chart is drawn; the bytes the page received (websocket frames, the data; HTTP bodies, mostly the
+JavaScript bundles the browser caches); and the most points any one figure holds (must stay <= 200k).
+
+    .venv/bin/python -m bench.bench_dashboard [--rows 10e6] [--repeats 8] [--dir DIR]
+    .venv/bin/python -m bench.bench_dashboard --shape tiny --screenshots docs/screenshots
+
+The store is built once into --dir (kept; delete it to rebuild) with the synthetic recorder of
+tests/app_fixtures.py: 80 layers, 79 MoE layers x 256 experts, 8 heads, probe rows every 250 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from playwright.sync_api import Page, Request, sync_playwright
+
+from analysis.store import Store
+from app.figures import MAX_POINTS
+from tests.app_fixtures import LOCKED, PROMPTS, TINY, Prompt, SyntheticRun, build_killed_run, build_run, config, record
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+RUN = "bench"
+GOAL_P95_S = 1.5
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """A page: its URL path, the charts it draws, and whether it has a step slider to move."""
+
+    title: str
+    path: str
+    charts: int
+    slider: bool
+
+
+PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 4, True),
+         PageSpec("Expert bias", "expert_bias", 5, True), PageSpec("Value residual", "value_residual", 3, True),
+         PageSpec("Attention", "attention", 2, True), PageSpec("Specialisation", "specialisation", 3, True)]
+
+# Plotted values per figure, counted like app.figures.count_points, from plotly's decoded copy of the data.
+POINTS_JS = """() => {
+    const size = values => (values && values.length) || 0;
+    const cells = z => Array.from(z).reduce((total, row) => total + (size(row) || 1), 0);
+    return [...document.querySelectorAll('.js-plotly-plot')].map(plot => (plot._fullData || []).reduce(
+        (total, trace) => total + (trace.z ? cells(trace.z) : size(trace.x) || size(trace.y)), 0));
+}"""
+# Records every change of Streamlit's script state with its time, so a rerun's end can be timed exactly.
+WATCH_JS = """() => {
+    window.__states = [];
+    const app = document.querySelector('[data-testid="stApp"]');
+    new MutationObserver(() => window.__states.push([app.dataset.testScriptState, performance.now()]))
+        .observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+}"""
+DRAWN_JS = """charts => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+    && !document.querySelector('[data-stale="true"]')
+    && [...document.querySelectorAll('.js-plotly-plot')].filter(plot => plot.querySelector('.main-svg')).length
+       >= charts"""
+RERUN_DONE_JS = """([since, charts]) => {
+    const states = window.__states.filter(([, t]) => t >= since);
+    const ran = states.findIndex(([state]) => state === 'running');
+    return ran >= 0 && states.slice(ran).some(([state]) => state === 'notRunning')
+        && !document.querySelector('[data-stale="true"]')
+        && [...document.querySelectorAll('.js-plotly-plot')].filter(plot => plot.querySelector('.main-svg')).length
+           >= charts;
+}"""
+SCRIPT_ENDED_JS = """since => window.__states.find(([state, t]) => t >= since && state === 'notRunning')[1]"""
+# Two animation frames after the DOM is done: plotly has painted by then.
+NEXT_FRAME_JS = """() => new Promise(done => requestAnimationFrame(
+    () => requestAnimationFrame(() => done(performance.now()))))"""
+
+
+def build_locked_store(root: Path, rows: int) -> None:
+    """A complete locked-shape run with at least `rows` router_load rows, unless one is already there."""
+    store = Store(root)
+    if RUN in set(store.runs()["run_id"]):
+        return
+    steps = math.ceil(rows / (len(LOCKED.moe_layers) * LOCKED.experts))
+    prompts = [Prompt(prompt.domain, prompt.tokens * 4) for prompt in PROMPTS]
+    started = time.perf_counter()
+    writer = store.create_run(RUN, {"config": config(LOCKED), "description": "synthetic locked-shape run"},
+                              flush_every_steps=25)
+    record(writer, SyntheticRun(LOCKED, seed=0, prompts=prompts), range(steps), probe_every=250)
+    writer.close()
+    print(f"built {steps} locked-shape steps ({steps * len(LOCKED.moe_layers) * LOCKED.experts / 1e6:.1f}M "
+          f"router_load rows) in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+
+def build_demo_store(root: Path) -> None:
+    """The tiny-shape demo store for screenshots: two complete runs and one killed mid-run."""
+    store = Store(root)
+    if "demo-baseline" in set(store.runs()["run_id"]):
+        return
+    build_run(store, "demo-baseline", 200, shape=TINY, seed=1, probe_every=50, name="baseline",
+              description="tiny shape, synthetic trends")
+    build_run(store, "demo-higher-lr", 150, shape=TINY, seed=2, probe_every=50, name="higher lr")
+    build_killed_run(root, "demo-killed", 40)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def served(store: Path) -> Iterator[str]:
+    """The dashboard served by app.serve on a free port, stopped (its process group) on exit."""
+    port = free_port()
+    command = [sys.executable, "-c", "import sys; from app.serve import serve; "
+               "raise SystemExit(serve(sys.argv[1], port=int(sys.argv[2])))", str(store), str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the dashboard server did not start") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+
+
+@dataclass
+class Traffic:
+    """Bytes a page received since the last reset."""
+
+    websocket: int = 0
+    http: int = 0
+
+    def watch(self, page: Page) -> None:
+        """Count websocket frames and HTTP response bodies of `page`."""
+        page.on("websocket", lambda socket_: socket_.on("framereceived", self._frame))
+        page.on("requestfinished", self._response)
+
+    def _frame(self, payload: str | bytes) -> None:
+        self.websocket += len(payload)
+
+    def _response(self, request: Request) -> None:
+        self.http += max(0, request.sizes()["responseBodySize"])
+
+
+def load(page: Page, url: str, spec: PageSpec) -> float:
+    """Open `url` and return seconds from navigation start until the run is over and its charts drawn."""
+    page.goto(url)
+    page.wait_for_function(DRAWN_JS, arg=spec.charts, timeout=120_000)
+    return page.evaluate(NEXT_FRAME_JS) / 1e3
+
+
+def rerun(page: Page, spec: PageSpec, key: str) -> tuple[float, float]:
+    """Press `key` on the step slider; seconds until the server's script run ended, and until drawn again."""
+    page.evaluate(WATCH_JS)
+    since = page.evaluate("() => performance.now()")
+    page.locator('[data-testid="stSlider"] input[type="range"]').first.press(key)
+    page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts], timeout=120_000)
+    drawn = page.evaluate(NEXT_FRAME_JS)
+    ended = page.evaluate(SCRIPT_ENDED_JS, since)
+    return (ended - since) / 1e3, (drawn - since) / 1e3
+
+
+def p95(samples: list[float]) -> float:
+    """95th percentile (nearest rank)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def measure(url: str, repeats: int) -> list[list[str]]:
+    """One row of numbers per page."""
+    rows = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1500, "height": 1200})
+        page = context.new_page()
+        traffic = Traffic()
+        traffic.watch(page)
+        for spec in PAGES:
+            address = f"{url}/{spec.path}?run={RUN}"
+            traffic.websocket = traffic.http = 0
+            cold = load(page, address, spec)
+            cold_bytes = (traffic.websocket, traffic.http)
+            loads, socket_bytes = [], []
+            for _ in range(repeats):
+                traffic.websocket = 0
+                loads.append(load(page, address, spec))
+                socket_bytes.append(traffic.websocket)
+            points = page.evaluate(POINTS_JS)
+            scripts, drawn = [], []
+            if spec.slider:
+                rerun(page, spec, "ArrowLeft")  # a new step (not cached yet), then back: both cached from here
+                rerun(page, spec, "ArrowRight")
+                for index in range(repeats):
+                    script_s, drawn_s = rerun(page, spec, "ArrowRight" if index % 2 else "ArrowLeft")
+                    scripts.append(script_s)
+                    drawn.append(drawn_s)
+            assert max(points) <= MAX_POINTS, f"{spec.title}: a figure has {max(points)} points"
+            row = [spec.title, f"{cold:.2f}", f"{statistics.median(loads):.2f}", f"{p95(loads):.2f}",
+                   *([f"{p95(scripts):.2f}", f"{statistics.median(drawn):.2f}", f"{p95(drawn):.2f}"] if drawn
+                     else ["-", "-", "-"]),
+                   f"{cold_bytes[0] / 1e3:,.0f}", f"{statistics.median(socket_bytes) / 1e3:,.0f}",
+                   f"{cold_bytes[1] / 1e6:.1f}", f"{max(points):,}", str(len(points))]
+            print("  ".join(row), file=sys.stderr, flush=True)
+            rows.append(row)
+        browser.close()
+    return rows
+
+
+def screenshots(url: str, out: Path) -> None:
+    """A full-page screenshot of every page of the demo store, with a drill-down opened where there is one."""
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for spec in PAGES:
+            load(page, f"{url}/{spec.path}?run=demo-baseline", spec)
+            if spec.title == "Runs":
+                page.locator('[data-testid="stSelectbox"]').filter(has_text="Compare with").click()
+                page.get_by_role("option", name="demo-higher-lr").click()
+                page.wait_for_function(DRAWN_JS, arg=spec.charts)
+            if spec.title in ("Expert load", "Attention"):
+                area = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
+                page.evaluate(WATCH_JS)
+                since = page.evaluate("() => performance.now()")
+                page.mouse.click(area["x"] + area["width"] * 0.3, area["y"] + area["height"] * 0.55)
+                page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts])
+            page.wait_for_timeout(800)
+            height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+            page.set_viewport_size({"width": 1400, "height": min(4000, height + 40)})
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(out / f"{spec.path or 'runs'}.png"), full_page=True)
+            page.set_viewport_size({"width": 1400, "height": 1000})
+        browser.close()
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A plain-text table."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    for row in [header, ["-" * width for width in widths], *rows]:
+        print("  ".join(cell.rjust(width) if index else cell.ljust(width)
+                        for index, (cell, width) in enumerate(zip(row, widths, strict=True))))
+
+
+def main() -> None:
+    """Build (or reuse) the store, serve it, measure every page, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=float, default=10e6, help="router_load rows of the locked-shape run")
+    parser.add_argument("--repeats", type=int, default=8, help="warm loads and reruns per page")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/vpmoe-bench-dashboard"), help="where the store is kept")
+    parser.add_argument("--shape", choices=["locked", "tiny"], default="locked",
+                        help="locked: time the pages; tiny: the demo store (for --screenshots)")
+    parser.add_argument("--screenshots", type=Path, help="save a screenshot of every page into this folder")
+    args = parser.parse_args()
+    store = args.dir / args.shape
+    if args.shape == "locked":
+        build_locked_store(store, int(args.rows))
+    else:
+        build_demo_store(store)
+    with served(store) as url:
+        if args.screenshots:
+            screenshots(url, args.screenshots)
+        if args.shape == "locked":
+            rows = measure(url, args.repeats)
+            header = ["page", "cold load s", "load p50", "load p95", "rerun script p95", "rerun p50", "rerun p95",
+                      "ws kB cold", "ws kB warm", "http MB cold", "max points", "figures"]
+            print_table(f"dashboard in Chromium, locked shape, >= {args.rows / 1e6:.0f}M router_load rows, "
+                        f"{args.repeats} warm loads and step-slider reruns per page (goal p95 <= {GOAL_P95_S} s)",
+                        header, rows)
+
+
+if __name__ == "__main__":
+    main()

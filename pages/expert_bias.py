@@ -1,0 +1,80 @@
+"""Expert bias: the bias per layer and expert at a step, one layer's biases over steps, drift against
+dithering per expert, and how often the bias changed the routing (override rate, map disagreement)."""
+
+import streamlit as st
+
+from analysis import queries
+from app import derived, figures, panels, state
+
+st.title("Expert bias")
+selection = state.require_run()
+run = str(selection.run)
+LAYER_KEY, HEATMAP_KEY = f"bias-layer:{run}", "bias-heatmap"
+
+
+def pick_layer() -> None:
+    """Follow a click on the bias heatmap: its layer becomes the layer shown below."""
+    cell = panels.selected_cell(HEATMAP_KEY)
+    if cell is not None:
+        st.session_state[LAYER_KEY] = cell[1]
+
+
+@st.fragment(run_every=selection.live_every)
+def expert_bias() -> None:
+    """The whole page; re-read at the refresh interval while the run records."""
+    reader = selection.run_data()
+    steps = reader.steps_of("expert_bias")
+    if not steps:
+        st.info("This run has recorded no expert bias yet.")
+        return
+    shape = derived.run_shape(reader.manifest().get("config", {}))
+    step = panels.step_picker(steps, key=f"bias-step:{run}", follow=selection.status == "running")
+    bias = reader.get(queries.expert_bias, step=step)
+    panels.chart(figures.bias_heatmap(bias.frame, f"Bias at step {step}"), bias.frame, key=HEATMAP_KEY,
+                 on_select=pick_layer, calls=[bias.call],
+                 caption="The bias added to each expert's routing score (for choosing experts only). Red: raised "
+                         "because the expert was underloaded; blue: lowered because it was overloaded. With a sign "
+                         "update of rate u, |bias| <= u x steps. Click a cell to study its layer below.")
+
+    layers = sorted(int(layer) for layer in bias.frame["layer"].unique())
+    layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0])
+    history = reader.get(queries.bias_history, layer=layer)
+    left, right = st.columns(2)
+    with left:
+        panels.chart(figures.bias_over_steps(history.frame, layer), history.frame, key="bias-history",
+                     calls=[history.call],
+                     caption="Every expert of this layer (rows) over steps (columns). A steady colour gradient "
+                             "along a row is drift; speckle is an expert dithering around its balance point.")
+    with right:
+        rate = shape.bias_update_rate or derived.estimated_bias_rate(history.frame)
+        drift = derived.bias_drift(history.frame, rate)
+        panels.chart(figures.drift_scatter(drift, layer), drift, key="bias-drift",
+                     calls=[history.call, f"app.derived.bias_drift(frame, rate={rate!r})  "
+                                          "# analysis.metrics.classify_bias_drift"],
+                     caption="Per expert: straightness (1 = moved one way all along) against how often a move "
+                             "reversed the last one (about 0.5 for a random walk). Drift: straightness >= 0.5; "
+                             "flat: never moved a whole step of u.")
+        if len(steps) < 2:
+            st.info("Drift needs at least two recorded steps.")
+        elif shape.bias_update_rate is None:
+            st.caption("The config does not give the bias update rate u; it is estimated from the moves.")
+
+    stats = reader.get(queries.layer_stats)
+    left, right = st.columns(2)
+    with left:
+        panels.chart(figures.layer_step_heatmap(stats.frame, "bias_override_rate", "Bias override rate",
+                                                "override"), stats.frame[["step", "layer", "bias_override_rate"]],
+                     key="bias-override", calls=[stats.call],
+                     caption="Share of top-k choices the bias changed (TopK(s + e) against TopK(s)), per MoE layer "
+                             "over steps. High early is expected; it should settle low once loads balance.")
+    with right:
+        panels.chart(figures.layer_step_heatmap(stats.frame, "aux_map_disagreement", "Aux-loss map vs dispatched",
+                                                "disagreement"),
+                     stats.frame[["step", "layer", "aux_map_disagreement"]], key="bias-disagreement",
+                     calls=[stats.call],
+                     caption="How far the routing map the aux loss sees (plain top-K of normalised scores) differs "
+                             "from the experts tokens were dispatched to: 0 = same map, 1 = disjoint. They differ "
+                             "by design; a rise means the aux loss is balancing a map that is not used.")
+
+
+expert_bias()

@@ -1,0 +1,117 @@
+"""Expert load: layer x expert load at a step, imbalance over steps against the noise floor, dead and
+starved experts, and one expert's history, top tokens and domains on click."""
+
+import streamlit as st
+
+from analysis import queries
+from app import data, derived, figures, panels, state
+
+st.title("Expert load")
+selection = state.require_run()
+run = str(selection.run)
+LAYER_KEY, EXPERT_KEY, HEATMAP_KEY = f"load-layer:{run}", f"load-expert:{run}", "load-heatmap"
+
+
+def pick_cell() -> None:
+    """Copy the clicked heatmap cell into the drill-down's layer and expert."""
+    cell = panels.selected_cell(HEATMAP_KEY)
+    if cell is not None:
+        st.session_state[EXPERT_KEY], st.session_state[LAYER_KEY] = cell
+
+
+def top_k(reader: data.RunData, shape: derived.RunShape, probe_steps: list[int]) -> int | None:
+    """K from the config, else from the probe routing, else None."""
+    if shape.topk is not None or not probe_steps:
+        return shape.topk
+    return derived.topk_from_probe(reader.get(queries.probe_routing, step=probe_steps[-1]).frame)
+
+
+@st.fragment(run_every=selection.live_every)
+def expert_load() -> None:
+    """The whole page; re-read at the refresh interval while the run records."""
+    reader = selection.run_data()
+    steps = reader.steps_of("router_load")
+    if not steps:
+        st.info("This run has recorded no router loads yet (dense-only so far, or recording just started).")
+        return
+    shape = derived.run_shape(reader.manifest().get("config", {}))
+    probe_steps = reader.steps_of("probe_routing")
+    topk = top_k(reader, shape, probe_steps)
+
+    pick, mode = st.columns([4, 1])
+    summed = len(steps) > 1 and mode.toggle("Sum a step range", key=f"load-sum:{run}",
+                                            help="Add up the tokens of every step in a range instead of one step.")
+    with pick:
+        if summed:
+            first, last = panels.step_range_picker(steps, key=f"load-range:{run}")
+            load = reader.get(data.summed_expert_load, step_range=(first, last))
+            step, title = last, f"Relative load, steps {first} to {last} summed"
+        else:
+            step = panels.step_picker(steps, key=f"load-step:{run}", follow=selection.status == "running")
+            load = reader.get(queries.expert_load, step=step)
+            title = f"Relative load at step {step}"
+    panels.chart(figures.load_heatmap(load.frame, title), load.frame, key=HEATMAP_KEY, on_select=pick_cell,
+                 calls=[load.call],
+                 caption="Each cell is one expert of one MoE layer: its tokens c over the fair share c̄ = K·T/E. "
+                         "1 (white) is a fair share, red is overloaded, blue underused (colours saturate at 0 and 2; "
+                         "hover for the value). Click a cell to see that expert below.")
+
+    imbalance = reader.get(queries.load_imbalance)
+    floors = derived.noise_floors(imbalance.frame, topk) if topk else None
+    layers = sorted(int(layer) for layer in load.frame["layer"].unique())
+    experts = sorted(int(expert) for expert in load.frame["expert"].unique())
+    left, right = st.columns([3, 2])
+    with left:
+        metric = st.radio("Imbalance measure", list(figures.METRIC_LABELS), horizontal=True, key="load-metric",
+                          format_func=figures.METRIC_LABELS.get)
+        layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0],
+                              help="The layer drawn beside the median and worst layer, and drilled into below.")
+        floor_call = f"app.derived.noise_floors(frame, topk={topk})  # analysis.metrics.noise_floor_*"
+        panels.chart(figures.imbalance_over_steps(imbalance.frame, floors, metric, [layer]), imbalance.frame,
+                     key="load-imbalance", calls=[imbalance.call, floor_call],
+                     caption="MaxVio = max r - 1, CV = std/mean of the loads, normalised entropy H/ln E (1 = "
+                             "perfectly even). The dashed grey line is what perfectly uniform random routing shows "
+                             "at the same token count: values near it are noise, not imbalance.")
+        if floors is None:
+            st.info("The noise floor needs top-k, which this run's config and probe rows do not give.")
+    with right:
+        starved = derived.starved_experts(load.frame)
+        st.subheader("Dead and starved experts")
+        counts = st.columns(2)
+        counts[0].metric("Dead", int(starved["dead"].sum()), help="Experts with c = 0 at the shown step(s).")
+        counts[1].metric("Starved", len(starved), help="Experts below 10% of the fair share c̄, dead ones included.")
+        st.dataframe(starved, hide_index=True, height=240, key="load-starved")
+        expected = "" if not topk else (f" Uniform random routing at this token count would leave "
+                                        f"{derived.expected_dead(load.frame, topk):.2g} dead experts per layer "
+                                        "(E (1 - K/E)^T): a dead expert means little unless that is far below 1.")
+        st.caption("Experts below a tenth of their fair share at the shown step(s), dead ones included." + expected)
+
+    st.subheader("One expert")
+    expert = panels.choose("Expert", experts, key=EXPERT_KEY, default=experts[0],
+                           help="Click a heatmap cell, or pick the expert here (the layer is picked above).")
+    history = reader.get(queries.expert_history, layer=layer, expert=expert)
+    panels.chart(figures.expert_history(history.frame, layer, expert), history.frame, key="load-history",
+                 calls=[history.call],
+                 caption="Top: this expert's load over the fair share at every recorded step (dashed: 1 = fair). "
+                         "Bottom: its routing bias; the bias rises while the expert is underloaded and falls while "
+                         "it is overloaded.")
+    probe_step = derived.step_at_or_before(probe_steps, step)
+    if probe_step is None:
+        st.info("No probe routing recorded for this run, so there are no top tokens or domains to show.")
+        return
+    tokens, domains = st.columns(2)
+    with tokens:
+        top = reader.get(queries.expert_top_tokens, layer=layer, expert=expert, step=probe_step, n=15)
+        st.markdown(f"**Top probe tokens at step {probe_step}**")
+        st.dataframe(top.frame, hide_index=True, key="load-top-tokens")
+        with st.expander("Query behind this table"):
+            st.code(top.call, language="python")
+    with domains:
+        spread = reader.get(queries.expert_domains, layer=layer, expert=expert, step=probe_step)
+        panels.chart(figures.domain_lift_bars(spread.frame, f"Domains at step {probe_step}"), spread.frame,
+                     key="load-domains", calls=[spread.call],
+                     caption="Share of each domain's probe tokens sent to this expert, over the uniform K/E: "
+                             "above 1 the expert prefers that domain.")
+
+
+expert_load()

@@ -1,0 +1,70 @@
+"""Specialisation (OLMoE analyses on the probe routing of one layer): domain lift per expert, each
+expert's top tokens, and co-activation of expert pairs against independent choice."""
+
+import streamlit as st
+
+from analysis import queries
+from app import derived, figures, panels, state
+
+st.title("Specialisation")
+selection = state.require_run()
+run = str(selection.run)
+
+
+@st.fragment(run_every=selection.live_every)
+def specialisation() -> None:
+    """The whole page; re-read at the refresh interval while the run records."""
+    reader = selection.run_data()
+    steps = reader.steps_of("probe_routing")
+    if not steps:
+        st.info("No probe routing was recorded for this run yet; specialisation is computed from the probe set.")
+        return
+    step = panels.step_picker(steps, key=f"spec-step:{run}", follow=selection.status == "running",
+                              label="Probe step")
+    every_layer = reader.get(queries.probe_routing, step=step)
+    layers = sorted(int(layer) for layer in every_layer.frame["layer"].unique())
+    layer = panels.choose("Layer", layers, key=f"spec-layer:{run}", default=layers[len(layers) // 2])
+    probe = reader.get(queries.probe_routing, step=step, layer=layer)
+    routing = derived.probe_arrays(probe.frame)
+    if routing is None:
+        st.info("The probe rows of this layer have no complete top-k choices.")
+        return
+    shape = derived.run_shape(reader.manifest().get("config", {}))
+    num_experts = shape.num_experts or int(probe.frame["expert"].max()) + 1
+    topk = routing.topk.shape[1]
+    baseline = topk / num_experts
+    st.caption(f"{routing.topk.shape[0]} probe tokens in {len(routing.domains)} domains; K = {topk}, "
+               f"E = {num_experts}, uniform share K/E = {baseline:.3f}.")
+
+    lift = derived.domain_lift(routing, num_experts)
+    panels.chart(figures.domain_lift_heatmap(lift, f"Domain lift, layer {layer}, step {step}"), lift,
+                 key="spec-domains", calls=[probe.call, "app.derived.domain_lift(routing, num_experts)  "
+                                                        "# analysis.metrics.domain_specialization"],
+                 caption="Share of each domain's probe tokens routed to each expert, over the uniform K/E. Red (> 1) "
+                         "is an expert the domain prefers, blue one it avoids; a row of white is no specialisation.")
+
+    left, right = st.columns(2)
+    with left:
+        occurrences = st.slider("Count a token id seen at least", 1, 20, 2, key="spec-min-occurrences",
+                                help="Rare tokens make the score noisy: under uniform routing a token seen N times "
+                                     "scores about K/E + (1 - K/E)/N.")
+        vocabulary = derived.vocabulary(routing, num_experts, top_n=5, min_occurrences=occurrences)
+        panels.chart(figures.vocabulary_scores(vocabulary, baseline, f"Vocabulary specialisation, layer {layer}"),
+                     vocabulary, key="spec-vocabulary",
+                     calls=[probe.call, f"app.derived.vocabulary(routing, num_experts, top_n=5, min_occurrences="
+                                        f"{occurrences})  # analysis.metrics.vocabulary_specialization"],
+                     caption="Per expert, the mean share of its tokens' occurrences that it received: high means it "
+                             "owns the tokens it gets. Dashed: uniform K/E. The table lists each expert's top tokens.")
+        st.dataframe(vocabulary, hide_index=True, height=260, key="spec-vocabulary-table")
+    with right:
+        pairs = derived.coactivation(routing, num_experts)
+        panels.chart(figures.coactivation_heatmap(pairs, f"Co-activation lift, layer {layer}"), pairs,
+                     key="spec-coactivation",
+                     calls=[probe.call, "app.derived.coactivation(routing, num_experts)  "
+                                        "# analysis.metrics.coactivation, coactivation_lift"],
+                     caption="How often two experts are chosen for the same token, over all K(K-1)/2 pairs, divided "
+                             "by what independent choice would give. Red pairs work together; blank rows are experts "
+                             "that got no probe tokens.")
+
+
+specialisation()

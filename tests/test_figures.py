@@ -1,0 +1,232 @@
+"""Figure builders on small frames: trace types, shapes, axis titles, the noise floor, point caps, escaping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from app import figures
+from app.figures import MAX_POINTS, count_points
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def grid(layers: range, experts: int, value: str, values: np.ndarray | None = None, **extra: object) -> pd.DataFrame:
+    """Long rows over layers x experts with one value column."""
+    layer = np.repeat(np.array(layers), experts)
+    expert = np.tile(np.arange(experts), len(layers))
+    data = values if values is not None else np.linspace(0.5, 1.5, len(layer))
+    return pd.DataFrame({"layer": layer, "expert": expert, value: data, **extra})
+
+
+def trace_types(figure: go.Figure) -> list[str]:
+    """The type of every trace, in order."""
+    return [trace.type for trace in figure.data]
+
+
+def test_safe_label_makes_markup_and_controls_inert() -> None:
+    assert figures.safe_label("<script>alert(1)</script>") == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert figures.safe_label("a\nb\u202ec") == "a\\nb\\u202ec"
+    long = figures.safe_label("x" * 500)
+    assert len(long) == figures.LABEL_LIMIT and long.endswith("\u2026")
+    assert "<" not in figures.safe_label("<" * 100)
+
+
+def test_thin_rows_keeps_the_ends_and_the_cap() -> None:
+    frame = pd.DataFrame({"step": np.arange(10_001)})
+    thin = figures.thin_rows(frame, 100)
+    assert len(thin) <= 100 and thin["step"].iloc[0] == 0 and thin["step"].iloc[-1] == 10_000
+    assert figures.thin_rows(frame.head(5), 100).equals(frame.head(5))
+
+
+def test_pool_columns_averages_blocks_to_fit() -> None:
+    matrix = np.arange(40, dtype=np.float32).reshape(2, 20)
+    pooled, labels = figures.pool_columns(matrix, np.arange(20) * 10, 20)
+    assert pooled.shape == (2, 10) and labels.tolist() == list(range(0, 200, 20))
+    assert pooled[0, 0] == pytest.approx(0.5)
+    same, _ = figures.pool_columns(matrix, np.arange(20), 40)
+    assert same is matrix
+
+
+def test_count_points_counts_cells_and_points() -> None:
+    figure = go.Figure([go.Heatmap(z=np.zeros((3, 4))), go.Scatter(x=[1, 2, 3], y=[1, 2, 3])])
+    assert count_points(figure) == 15
+
+
+def steps_frame(steps: int) -> pd.DataFrame:
+    """A steps table of `steps` rows with an eval loss every 10 steps."""
+    step = np.arange(steps)
+    return pd.DataFrame({"step": step, "lm_loss": 10 / (1 + step), "aux_loss": 0.01, "tokens_per_s": 1e4,
+                         "eval_loss": np.where(step % 10 == 0, 5.0, np.nan)})
+
+
+def test_loss_curves_overlay_two_runs() -> None:
+    figure = figures.loss_curves({"a": steps_frame(50), "b": steps_frame(30)})
+    assert set(trace_types(figure)) == {"scatter"}
+    names = [trace.name for trace in figure.data]
+    assert names.count("a") == 3 and names.count("b") == 3 and "a eval" in names
+    assert figure.layout.xaxis3.title.text == "step" and figure.layout.yaxis.title.text == "loss"
+    assert figure.layout.yaxis3.title.text == "tokens/s"
+
+
+def test_loss_curves_are_capped() -> None:
+    figure = figures.loss_curves({"long": steps_frame(300_000)})
+    assert count_points(figure) <= MAX_POINTS
+
+
+def test_load_heatmap_has_clickable_cells() -> None:
+    load = grid(range(2, 9), 16, "relative_load", tokens=100)
+    figure = figures.load_heatmap(load, "load")
+    assert trace_types(figure) == ["heatmap", "scatter"]
+    assert np.asarray(figure.data[0].z).shape == (7, 16)
+    assert len(figure.data[1].x) == 7 * 16
+    assert figure.layout.xaxis.title.text == "expert" and figure.layout.yaxis.title.text == "layer"
+    assert (figure.data[0].zmin, figure.data[0].zmax) == (0.0, 2.0)
+
+
+def test_load_heatmap_of_the_locked_shape_clicks_through_webgl() -> None:
+    figure = figures.load_heatmap(grid(range(2, 81), 256, "relative_load", tokens=64), "locked")
+    assert trace_types(figure) == ["heatmap", "scattergl"]
+    assert count_points(figure) == 2 * 79 * 256
+
+
+def test_load_heatmap_of_a_huge_grid_is_pooled_and_capped() -> None:
+    load = grid(range(2, 102), 4096, "relative_load", tokens=1)
+    figure = figures.load_heatmap(load, "huge")
+    assert trace_types(figure) == ["heatmap"]
+    assert count_points(figure) <= MAX_POINTS
+
+
+def imbalance_frame(steps: int, layers: int = 7) -> pd.DataFrame:
+    """load_imbalance rows: MaxVio falling over steps."""
+    step = np.repeat(np.arange(steps), layers)
+    layer = np.tile(np.arange(2, 2 + layers), steps)
+    falling = 1.0 / (1 + step) + 0.01 * layer
+    return pd.DataFrame({"step": step, "layer": layer, "max_vio": falling, "cv": falling / 2,
+                         "entropy_norm": 1 - falling / 10})
+
+
+def test_imbalance_over_steps_draws_the_noise_floor() -> None:
+    imbalance = imbalance_frame(20)
+    floors = pd.DataFrame({"step": np.arange(20), "max_vio": 0.2, "cv": 0.1, "entropy_norm": 0.99})
+    figure = figures.imbalance_over_steps(imbalance, floors, "max_vio", [3])
+    names = [trace.name for trace in figure.data]
+    assert names == ["median over layers", "worst layer", "layer 3", "noise floor (uniform routing)"]
+    assert figure.data[-1].line.dash == "dash"
+    assert figure.layout.yaxis.title.text == "MaxVio" and figure.layout.xaxis.title.text == "step"
+    worst_entropy = figures.imbalance_over_steps(imbalance, floors, "entropy_norm", [])
+    assert min(worst_entropy.data[1].y) == pytest.approx(imbalance["entropy_norm"].min())
+
+
+def test_imbalance_without_a_floor_and_capped() -> None:
+    figure = figures.imbalance_over_steps(imbalance_frame(200_000, layers=2), None, "cv", [2])
+    assert "noise floor (uniform routing)" not in [trace.name for trace in figure.data]
+    assert count_points(figure) <= MAX_POINTS
+
+
+def test_expert_history_has_load_and_bias_panels() -> None:
+    history = pd.DataFrame({"step": np.arange(10), "tokens": 5, "relative_load": 1.1, "bias": np.linspace(0, 1, 10)})
+    figure = figures.expert_history(history, 3, 7)
+    assert [trace.name for trace in figure.data] == ["relative load", "fair share", "bias"]
+    assert figure.layout.yaxis2.title.text == "bias" and "Layer 3, expert 7" in figure.layout.title.text
+
+
+def test_domain_bars_escape_domain_labels() -> None:
+    domains = pd.DataFrame({"domain": [HOSTILE, "code"], "tokens": [10, 10], "routed": [3, 1], "share": [0.3, 0.1],
+                            "lift": [1.2, 0.4]})
+    figure = figures.domain_lift_bars(domains, "domains")
+    assert trace_types(figure) == ["bar"]
+    assert all("<" not in label for label in figure.data[0].x)
+
+
+def test_bias_figures() -> None:
+    bias = grid(range(2, 9), 16, "bias", np.linspace(-0.1, 0.1, 7 * 16))
+    heatmap = figures.bias_heatmap(bias, "bias")
+    assert trace_types(heatmap) == ["heatmap", "scatter"] and heatmap.data[0].zmid == 0.0
+    history = pd.DataFrame({"step": np.repeat(np.arange(30_000), 16), "expert": np.tile(np.arange(16), 30_000),
+                            "bias": 0.0})
+    over_steps = figures.bias_over_steps(history, 4)
+    assert trace_types(over_steps) == ["heatmap"] and count_points(over_steps) <= MAX_POINTS
+    assert over_steps.layout.xaxis.title.text == "step" and over_steps.layout.yaxis.title.text == "expert"
+    drift = pd.DataFrame({"expert": [0, 1, 2], "label": ["drift", "dither", "drift"], "straightness": [0.9, 0.1, 0.8],
+                          "sign_change_rate": [0.0, 0.9, 0.1]})
+    scatter = figures.drift_scatter(drift, 4)
+    assert sorted(trace.name for trace in scatter.data) == ["dither", "drift"]
+
+
+def test_layer_step_heatmap_drops_dense_layer_nulls_and_caps() -> None:
+    frame = pd.DataFrame({"step": np.repeat(np.arange(50_000), 8), "layer": np.tile(np.arange(1, 9), 50_000),
+                          "bias_override_rate": np.tile([np.nan, *[0.1] * 7], 50_000)})
+    figure = figures.layer_step_heatmap(frame, "bias_override_rate", "override", "rate")
+    assert list(figure.data[0].y) == list(range(2, 9))
+    assert count_points(figure) <= MAX_POINTS
+
+
+def test_value_residual_figures() -> None:
+    frame = pd.DataFrame({"step": np.repeat(np.arange(5), 7), "layer": np.tile(np.arange(2, 9), 5), "lambda": 0.9})
+    lines = figures.lambda_lines(frame, [2, 8])
+    assert [trace.name for trace in lines.data] == ["layer 2", "layer 8"]
+    bars = figures.lambda_bars(frame[frame["step"] == 4], 4)
+    assert trace_types(bars) == ["bar"] and len(bars.data[0].x) == 7
+    assert bars.layout.xaxis.title.text == "layer" and bars.layout.yaxis.title.text == "lambda"
+
+
+def head_stats(layers: int = 8, heads: int = 4) -> pd.DataFrame:
+    """attention_stats rows: every 4th layer global."""
+    layer = np.repeat(np.arange(1, layers + 1), heads)
+    return pd.DataFrame({"layer": layer, "head": np.tile(np.arange(heads), layers),
+                         "kind": np.where(layer % 4 == 0, "global", "local"), "entropy": np.linspace(0, 3, len(layer))})
+
+
+def test_head_grid_marks_global_layers_from_the_kind_column() -> None:
+    figure = figures.head_grid(head_stats(), "entropy", "heads")
+    assert trace_types(figure) == ["heatmap", "scatter"]
+    assert len(figure.layout.shapes) == 2
+    assert sorted(shape.y0 + 0.5 for shape in figure.layout.shapes) == [4, 8]
+    assert figure.layout.xaxis.title.text == "head"
+
+
+def pattern(size: int) -> pd.DataFrame:
+    """A uniform causal attention pattern over `size` positions."""
+    query, key = np.tril_indices(size)
+    return pd.DataFrame({"query_pos": query, "key_pos": key, "prob": 1.0 / (query + 1)})
+
+
+def test_attention_pattern_draws_the_window_edge_for_local_heads() -> None:
+    tokens = [HOSTILE, *[f"t{i}" for i in range(11)]]
+    local = figures.attention_pattern(pattern(12), tokens, 4, "local")
+    assert trace_types(local) == ["heatmap", "scatter"] and local.data[1].name == "window edge (W=4)"
+    assert list(local.data[1].x) == [0, 8] and list(local.data[1].y) == [3, 11]
+    assert all("<" not in text for text in local.layout.yaxis.ticktext)
+    assert trace_types(figures.attention_pattern(pattern(12), tokens, None, "global")) == ["heatmap"]
+
+
+def test_attention_pattern_of_a_long_prompt_is_capped() -> None:
+    figure = figures.attention_pattern(pattern(1000), [], 128, "long")
+    assert count_points(figure) <= MAX_POINTS
+
+
+def test_specialisation_figures() -> None:
+    lift = pd.DataFrame({"domain": np.repeat([HOSTILE, "code"], 16), "expert": np.tile(np.arange(16), 2),
+                         "share": 0.25, "lift": np.linspace(0, 2, 32)})
+    domains = figures.domain_lift_heatmap(lift, "domains")
+    assert trace_types(domains) == ["heatmap"] and all("<" not in label for label in domains.data[0].y)
+    pairs = pd.DataFrame({"expert_a": np.repeat(np.arange(16), 16), "expert_b": np.tile(np.arange(16), 16),
+                          "count": 1, "lift": 1.0})
+    assert np.asarray(figures.coactivation_heatmap(pairs, "pairs").data[0].z).shape == (16, 16)
+    vocabulary = pd.DataFrame({"expert": np.arange(3), "score": [0.5, 0.2, np.nan],
+                               "top_tokens": [HOSTILE, "'a'", ""]})
+    scores = figures.vocabulary_scores(vocabulary, 0.25, "vocabulary")
+    assert trace_types(scores) == ["bar"] and all("<" not in text for text in scores.data[0].hovertext)
+
+
+@pytest.mark.parametrize("build", [
+    lambda empty: figures.load_heatmap(empty, "t"), lambda empty: figures.bias_heatmap(empty, "t"),
+    lambda empty: figures.head_grid(empty, "entropy", "t"), lambda empty: figures.attention_pattern(empty, [], 4, "t"),
+    lambda empty: figures.domain_lift_bars(empty, "t"), lambda empty: figures.coactivation_heatmap(empty, "t"),
+])
+def test_builders_accept_no_rows(build) -> None:
+    figure = build(pd.DataFrame())
+    assert len(figure.data) == 0 and figure.layout.title.text == "t"
