@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.metadata
 import itertools
 import json
@@ -347,14 +346,6 @@ def tool_version() -> str:
     return f"vpmoe {version} ({code_revision()})"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _audit_batches(dataset: Any, tokens: int) -> Iterator[torch.Tensor]:
     """Input rows [B, seq_length] of the audit set, enough whole rows to cover `tokens` tokens."""
     rows = math.ceil(tokens / dataset.seq_length)
@@ -373,7 +364,7 @@ def audit_checkpoint(path: str | Path, *, data: str | None = None, text_field: s
     from analysis.probing import Probe
     from vpmoe.config import load_config
     from vpmoe.model.transformer import VpMoE
-    from vpmoe.training.checkpoint import MODEL_FILE, load_model_state, read_checkpoint
+    from vpmoe.training.checkpoint import MODEL_FILE, file_sha256, load_model_state, read_checkpoint
     from vpmoe.training.data import PackedDataset
 
     if tokens < 1:
@@ -384,7 +375,7 @@ def audit_checkpoint(path: str | Path, *, data: str | None = None, text_field: s
     expert_bias = cfg.moe.router_enable_expert_bias
     provenance: dict[str, Any] = {
         "checkpoint": str(path.resolve()), "step": checkpoint.step,
-        "checkpoint_sha256": checkpoint.meta.get("files", {}).get(MODEL_FILE) or _sha256(path / MODEL_FILE),
+        "checkpoint_sha256": checkpoint.meta.get("files", {}).get(MODEL_FILE) or file_sha256(path / MODEL_FILE),
         "router_mode": ROUTER_MODE.format("on" if expert_bias else "off (disabled in the config)"),
         "tool_version": tool_version(), "created_at": datetime.now(UTC).isoformat(),
     }

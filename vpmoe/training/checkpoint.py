@@ -68,7 +68,8 @@ def code_revision() -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -132,7 +133,7 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer:
         files.append(OPTIMIZER_FILE)
     meta = {"format_version": FORMAT_VERSION, "step": step, "created_at": time.time(),
             "config": cfg.to_dict(), "architecture_hash": cfg.architecture_hash(), "code_revision": code_revision(),
-            "files": {f: _sha256(tmp / f) for f in files}, **extra}
+            "files": {f: file_sha256(tmp / f) for f in files}, **extra}
     (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True))
     for f in [*files, SIDECAR]:
         _fsync(tmp / f)
@@ -187,7 +188,7 @@ def read_checkpoint(path: str | Path, cfg: VpMoEConfig | None = None) -> Checkpo
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointError(f"{file}: sha256 does not match {SIDECAR}; the file is damaged")
     try:
         saved_cfg = config_from_dict(meta["config"], source=str(sidecar))
