@@ -15,7 +15,13 @@ import pytest
 
 from vpmoe.tokenizer import get_tokenizer
 from vpmoe.training.corpus import DOMAINS, MAX_DOCUMENT_CHARS
-from vpmoe.training.data import DataError, PackedDataset, is_heldout_document, unigram_loss
+from vpmoe.training.data import (
+    DataError,
+    PackedDataset,
+    is_heldout_document,
+    unigram_cross_entropy,
+    unigram_loss,
+)
 
 SEQ = 64
 EOT = 199999
@@ -63,10 +69,38 @@ def oracle_rows(dataset: PackedDataset, count: int) -> list[tuple[list[int], int
 def test_rows_match_the_oracle_across_epochs(mixed_folder):
     dataset = PackedDataset(str(mixed_folder), seq_length=SEQ, seed=3)
     expected = oracle_rows(dataset, 160)
-    rows = list(itertools.islice(dataset.rows(), 160))
+    rows = list(itertools.islice(dataset.packed_rows(), 160))
     assert [(row.tolist(), domain) for row, domain in rows] == expected
     assert all(row.dtype == np.int64 and row.shape == (SEQ + 1,) for row, _ in rows)
     assert set(dataset.domains) == {"jsonl", "txt"}
+
+
+def test_row_shuffle_reorders_rows_within_its_buffer_and_is_seeded(mixed_folder):
+    buffer = 16
+    dataset = PackedDataset(str(mixed_folder), seq_length=SEQ, seed=4, shuffle_rows=buffer)
+    packed = [tuple(row.tolist()) for row, _ in itertools.islice(dataset.packed_rows(), 100 + buffer)]
+    shuffled = [tuple(row.tolist()) for row, _ in itertools.islice(dataset.rows(), 100)]
+    assert shuffled != packed[:100]
+    # Row i can only be one of the first i + buffer packed rows, each used at most as often as it occurs.
+    for i in range(1, 101):
+        assert not collections.Counter(shuffled[:i]) - collections.Counter(packed[: i + buffer - 1])
+    again = PackedDataset(str(mixed_folder), seq_length=SEQ, seed=4, shuffle_rows=buffer)
+    assert [tuple(row.tolist()) for row, _ in itertools.islice(again.rows(), 100)] == shuffled
+    other = PackedDataset(str(mixed_folder), seq_length=SEQ, seed=5, shuffle_rows=buffer)
+    assert [tuple(row.tolist()) for row, _ in itertools.islice(other.rows(), 100)] != shuffled
+    unshuffled = PackedDataset(str(mixed_folder), seq_length=SEQ, seed=4, shuffle_rows=0)
+    assert [tuple(row.tolist()) for row, _ in itertools.islice(unshuffled.rows(), 100)] == packed[:100]
+
+
+def test_builtin_batches_mix_documents():
+    """Without the row shuffle a batch of 8 rows is 8 windows of one long file; with it, rows come from
+    many places in the stream."""
+    dataset = PackedDataset(None, seq_length=128, seed=0)
+    stream = itertools.islice(dataset.packed_rows(), 4096)
+    packed = {tuple(row.tolist()): index for index, (row, _) in enumerate(stream)}
+    batch = next(dataset.batches(8))
+    positions = sorted(packed[tuple(row)] for row in np.concatenate([batch.tokens, batch.labels[:, -1:]], 1).tolist())
+    assert positions[-1] - positions[0] > 100
 
 
 def test_majority_domain_labels_rows_of_mixed_documents(tmp_path):
@@ -77,7 +111,7 @@ def test_majority_domain_labels_rows_of_mixed_documents(tmp_path):
     dataset = PackedDataset(str(tmp_path), seq_length=SEQ, seed=1)
     assert dataset.domains == ("even", "odd")
     expected = oracle_rows(dataset, 80)
-    assert [(row.tolist(), domain) for row, domain in itertools.islice(dataset.rows(), 80)] == expected
+    assert [(row.tolist(), domain) for row, domain in itertools.islice(dataset.packed_rows(), 80)] == expected
     assert {domain for _, domain in expected} == {0, 1}
 
 
@@ -184,6 +218,21 @@ def test_unigram_loss_is_the_entropy_of_the_labels(mixed_folder):
     counts = collections.Counter(labels)
     expected = -sum(c / len(labels) * math.log(c / len(labels)) for c in counts.values())
     assert unigram_loss(dataset, 10) == pytest.approx(expected, rel=1e-12)
+
+
+def test_unigram_cross_entropy_scores_held_out_labels_with_smoothed_training_counts(mixed_folder):
+    train = PackedDataset(str(mixed_folder), seq_length=SEQ)
+    heldout = PackedDataset(str(mixed_folder), split="heldout", seq_length=SEQ)
+    vocab = 201088
+    fit = [token for row, _ in itertools.islice(train.rows(), 12) for token in row[1:].tolist()]
+    scored = [token for row, _ in itertools.islice(heldout.rows(), 3) for token in row[1:].tolist()]
+    counts = collections.Counter(fit)
+    total = len(fit) + 0.5 * vocab
+    expected = -sum(math.log((counts[token] + 0.5) / total) for token in scored) / len(scored)
+    assert unigram_cross_entropy(train, 12, heldout, 3, vocab) == pytest.approx(expected, rel=1e-12)
+    assert any(token not in counts for token in scored)  # unseen tokens are scored, not skipped
+    with pytest.raises(ValueError, match="fit_rows and score_rows"):
+        unigram_cross_entropy(train, 0, heldout, 3, vocab)
 
 
 def test_builtin_corpus_rows_and_provenance():

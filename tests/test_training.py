@@ -186,7 +186,7 @@ def test_cli_train_prints_losses_and_baseline(tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--micro-batch-size", "1"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "unigram baseline on the same data" in out and "checkpoint-000002" in out
-    baseline = float(out.split("unigram baseline on the same data ")[1].split()[0])
+    assert "for a unigram model of the same training rows" in out and "checkpoint-000002" in out
+    baseline = float(out.split(" for a unigram model of the same training rows")[0].split()[-1])
     assert 3.0 < baseline < 9.0 and math.isfinite(baseline)
     assert Path(tmp_path / "run" / "checkpoint-000002" / "checkpoint.json").is_file()

@@ -70,7 +70,7 @@ def run_training(args: argparse.Namespace, cfg, dist, observer_factory: Callable
     import torch
 
     from vpmoe.training.checkpoint import CheckpointError
-    from vpmoe.training.data import DataError, PackedDataset, unigram_loss
+    from vpmoe.training.data import DataError, PackedDataset, unigram_cross_entropy, unigram_loss
     from vpmoe.training.loop import NonFiniteError, Trainer
 
     if args.threads:
@@ -91,13 +91,19 @@ def run_training(args: argparse.Namespace, cfg, dist, observer_factory: Callable
         print(f"vpmoe train: stopped: {exc}. Checkpoints already written are intact.", file=sys.stderr)
         return 1
     if dist.is_main:
+        t = cfg.training
         rows = min(2000, max(64, result.steps * trainer.global_batch_rows))
-        baseline = unigram_loss(PackedDataset(args.data, split="train", seq_length=cfg.training.seq_length,
-                                              seed=cfg.training.seed, text_field=args.text_field), rows)
+        train_rows = PackedDataset(args.data, split="train", seq_length=t.seq_length, seed=t.seed,
+                                   text_field=args.text_field)
+        baseline = unigram_loss(train_rows, rows)
         tail = [h["lm_loss"] for h in result.history[-10:]] or [result.final_lm_loss]
-        held_out = result.last_eval_loss if result.last_eval_loss is not None else float("nan")
-        print(f"done: {result.steps} steps; train loss (mean of last {len(tail)}) {sum(tail) / len(tail):.3f}, "
-              f"held-out {held_out:.3f}; unigram baseline on the same data {baseline:.3f} nats/token")
+        print(f"done: {result.steps} steps; train loss (mean of last {len(tail)}) {sum(tail) / len(tail):.3f} "
+              f"against {baseline:.3f} for a unigram model of the same training rows (nats/token)")
+        if result.last_eval_loss is not None and trainer.eval_data is not None:
+            heldout_baseline = unigram_cross_entropy(train_rows, rows, trainer.eval_data,
+                                                     t.eval_batches * t.micro_batch_size, cfg.tokenizer.vocab_size)
+            print(f"held-out loss {result.last_eval_loss:.3f} against {heldout_baseline:.3f} for a unigram model of "
+                  f"the training rows scored on the same held-out rows")
         print(f"checkpoints: {', '.join(str(p) for p in result.checkpoints)}")
     return 0
 

@@ -5,6 +5,11 @@ consecutive rows overlap by one token, so every token after the first is a label
 stream is a pure function of (source, split, seq_length, seed): rows are numbered 0, 1, 2, ... and any
 row number can be resumed from. When the split's documents run out, the next epoch starts with a new
 shuffle, seeded by (seed, epoch).
+
+A document yields many consecutive rows (a 50,000-character piece is about 100 rows of 128 tokens),
+so the packed rows pass through a seeded shuffle buffer of `shuffle_rows` rows before batching: a
+batch then mixes rows of many documents and domains instead of eight windows of one file, which
+keeps the per-step loss from swinging with whichever file is being read.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from vpmoe.training.corpus import (
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DOMAIN_FIELD = "domain"
 SHUFFLE_BUFFER_DOCUMENTS = 256
+SHUFFLE_BUFFER_ROWS = 1024
+ROW_SHUFFLE_STREAM = 1  # keeps the row shuffle's random stream apart from the per-epoch document shuffles
 TOKENIZE_BATCH_DOCUMENTS = 32
 PARQUET_BATCH_ROWS = 1024
 HELDOUT_STRIDE = round(1 / HELDOUT_FRACTION)
@@ -279,14 +286,18 @@ class PackedDataset:
         seed: int = 0,
         text_field: str = "text",
         tokenizer: Tokenizer | None = None,
+        shuffle_rows: int = SHUFFLE_BUFFER_ROWS,
     ) -> None:
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if seq_length < 1:
             raise ValueError(f"seq_length must be at least 1, got {seq_length}")
+        if shuffle_rows < 0:
+            raise ValueError(f"shuffle_rows must be non-negative (0 or 1: no row shuffle), got {shuffle_rows}")
         self.split = split
         self.seq_length = seq_length
         self.seed = seed
+        self.shuffle_rows = shuffle_rows
         self._source = _BuiltinSource(split) if source is None else _UserSource(os.fspath(source), split, text_field)
         self._tokenizer = tokenizer or get_tokenizer()
         self.domains = self._source.domains
@@ -312,11 +323,12 @@ class PackedDataset:
     def rows(self, start_row: int = 0) -> Iterator[tuple[np.ndarray, int]]:
         """(row of seq_length + 1 int64 token ids, domain index) from row `start_row` on, without end.
 
-        Resuming re-tokenises the rows before `start_row` and skips them.
+        Rows come out of the row shuffle buffer; resuming re-tokenises the rows before `start_row` and
+        skips them.
         """
         if start_row < 0:
             raise ValueError(f"start_row must be non-negative, got {start_row}")
-        return itertools.islice(self._all_rows(), start_row, None)
+        return itertools.islice(self._shuffled(self.packed_rows()), start_row, None)
 
     def batches(self, batch_size: int, *, start_row: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """Batches of `batch_size` rows for one rank: global batch i holds rows
@@ -345,6 +357,7 @@ class PackedDataset:
             "split": self.split,
             "seq_length": self.seq_length,
             "seed": self.seed,
+            "shuffle_rows": self.shuffle_rows,
             "domain_names": list(self.domains),
         }
 
@@ -361,7 +374,24 @@ class PackedDataset:
         if not seen:
             raise DataError(f"the {self.split} split has no documents")
 
-    def _all_rows(self) -> Iterator[tuple[np.ndarray, int]]:
+    def _shuffled(self, rows: Iterator[tuple[np.ndarray, int]]) -> Iterator[tuple[np.ndarray, int]]:
+        """`rows` through a seeded buffer of `shuffle_rows` slots: each new row takes the place of a random
+        one, which is emitted (the stream has no end, so the buffer is never drained)."""
+        if self.shuffle_rows <= 1:
+            yield from rows
+            return
+        rng = np.random.default_rng([self.seed, ROW_SHUFFLE_STREAM])
+        buffer: list[tuple[np.ndarray, int]] = []
+        for row in rows:
+            if len(buffer) < self.shuffle_rows:
+                buffer.append(row)
+                continue
+            slot = int(rng.integers(len(buffer)))
+            yield buffer[slot]
+            buffer[slot] = row
+
+    def packed_rows(self) -> Iterator[tuple[np.ndarray, int]]:
+        """The packed rows in stream order, before the row shuffle (what `rows` draws from)."""
         width = self.seq_length + 1
         pending_tokens = np.empty(0, dtype=np.int64)
         pending_domains = np.empty(0, dtype=np.int64)
@@ -389,3 +419,22 @@ def unigram_loss(dataset: PackedDataset, num_rows: int) -> float:
     counts = np.unique(labels, return_counts=True)[1]
     probabilities = counts / counts.sum()
     return float(-(probabilities * np.log(probabilities)).sum())
+
+
+UNIGRAM_SMOOTHING = 0.5  # add-1/2 (Jeffreys) counts, so a token unseen in the fit rows has a finite cost
+
+
+def unigram_cross_entropy(fit: PackedDataset, fit_rows: int, score: PackedDataset, score_rows: int,
+                          vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on the labels of the first `score_rows` rows of `score` of a unigram model
+    fit, with add-1/2 smoothing over `vocab_size` ids, on the labels of the first `fit_rows` rows of `fit`.
+
+    The fair baseline for a held-out loss: a model that knows only how often each token occurs in training.
+    """
+    if fit_rows < 1 or score_rows < 1:
+        raise ValueError(f"fit_rows and score_rows must be at least 1, got {fit_rows} and {score_rows}")
+    fit_labels = np.concatenate([tokens[1:] for tokens, _ in itertools.islice(fit.rows(), fit_rows)])
+    counts = np.bincount(fit_labels, minlength=vocab_size) + UNIGRAM_SMOOTHING
+    log_probabilities = np.log(counts) - np.log(counts.sum())
+    scored = np.concatenate([tokens[1:] for tokens, _ in itertools.islice(score.rows(), score_rows)])
+    return float(-log_probabilities[scored].mean())
