@@ -109,7 +109,8 @@ def expert_load(store: Store, run: str, step: int | None = None, step_range: tup
         " tokens / avg(tokens) over layer_step as relative_load"
         f" from router_load where run_id = $run and step between $first and $last{layer_where}"
         " window layer_step as (partition by step, layer) order by step, layer, expert",
-        {"run": run, "first": window[0], "last": window[1], **layer_params}, run=run, steps=window)
+        {"run": run, "first": window[0], "last": window[1], **layer_params}, run=run, steps=window,
+        layer=layer_params.get("layer"))
 
 
 def load_imbalance(store: Store, run: str, layer: int | None = None,
@@ -125,6 +126,19 @@ def load_imbalance(store: Store, run: str, layer: int | None = None,
         " entropy_norm, exp(entropy) as effective_experts, max_vio, cv"
         f" from load_rollup where run_id = $run{where}{layer_where} order by step, layer",
         {"run": _run(run), **params, **layer_params}, run=run, steps=window)
+
+
+def load_summary(store: Store, run: str, step_range: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Imbalance over steps summarised over the MoE layers (one row per step, from the roll-up).
+    Columns: step, layers, experts (E), tokens (sum c of a layer = K T), dead (over all layers),
+    max_vio_median, max_vio_worst, cv_median, cv_worst, entropy_norm_median, entropy_norm_worst
+    (median over layers; worst = largest MaxVio and CV, smallest normalised entropy)."""
+    window = _all_steps(step_range)
+    where, params = _range_clause(window)
+    return store.sql(
+        "select step, layers, experts, tokens, dead, max_vio_median, max_vio_worst, cv_median, cv_worst,"
+        f" entropy_norm_median, entropy_norm_worst from load_summary where run_id = $run{where} order by step",
+        {"run": _run(run), **params}, run=run, steps=window)
 
 
 def expert_bias(store: Store, run: str, step: int | None = None, step_range: tuple[int, int] | None = None,
@@ -147,7 +161,8 @@ def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
     return store.sql(
         "select step, layer, expert, bias from expert_bias"
         f" where run_id = $run and layer = $layer{where}{expert_where} order by step, expert",
-        {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}, run=run, steps=window)
+        {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}, run=run, steps=window,
+        layer=_int("layer", layer))
 
 
 def layer_stats(store: Store, run: str, layer: int | None = None,
@@ -226,7 +241,7 @@ def expert_history(store: Store, run: str, layer: int, expert: int,
         " loads.tokens * totals.experts / totals.layer_tokens as relative_load, biases.bias"
         " from loads left join totals using (step) full outer join biases using (step) order by step",
         {"run": _run(run), "layer": _int("layer", layer), "expert": _int("expert", expert), **params},
-        run=run, steps=window)
+        run=run, steps=window, layer=_int("layer", layer))
 
 
 def expert_top_tokens(store: Store, run: str, layer: int, expert: int, step: int | None = None,
@@ -262,10 +277,10 @@ def expert_domains(store: Store, run: str, layer: int, expert: int, step: int | 
 
 
 def available_steps(store: Store, run: str, table: str) -> pd.DataFrame:
-    """The steps recorded in one table of a run (router_load's come from its roll-up). Columns: step."""
+    """The steps recorded in one table of a run (router_load's come from its per-step summary). Columns: step."""
     if table not in TABLES:
         raise ValueError(f"table must be one of {sorted(TABLES)}, got {table!r}")
-    source = "load_rollup" if table == "router_load" else table
+    source = {"router_load": "load_summary", "load_rollup": "load_summary"}.get(table, table)
     return store.sql(f"select distinct step from {source} where run_id = $run order by step",
                      {"run": _run(run)}, run=run)
 

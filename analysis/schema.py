@@ -90,9 +90,20 @@ TABLES: dict[str, TableSpec] = {spec.name: spec for spec in [
         ("dead", I16, REQUIRED), ("entropy", F64, NULLABLE), ("entropy_norm", F64, NULLABLE),
         ("max_vio", F64, NULLABLE), ("cv", F64, NULLABLE),
     ], ("step", "layer"), derived=True),
+    # Per step summary of load_rollup over the MoE layers: what a page draws for "all layers" without
+    # reading a row per layer. tokens is the largest per-layer sum c (every layer routes the same K T).
+    _table("load_summary", [
+        ("layers", I16, REQUIRED), ("experts", I16, REQUIRED), ("tokens", I64, REQUIRED), ("dead", I32, REQUIRED),
+        ("max_vio_median", F64, NULLABLE), ("max_vio_worst", F64, NULLABLE), ("cv_median", F64, NULLABLE),
+        ("cv_worst", F64, NULLABLE), ("entropy_norm_median", F64, NULLABLE), ("entropy_norm_worst", F64, NULLABLE),
+    ], ("step",), derived=True),
 ]}
 
-# The roll-up of router_load, one row per (run_id, step, layer). std_load is the population std
+# Tables with a second, per-layer copy of each compacted file, sorted by (expert, step), so that one
+# expert's or one layer's history reads a few small files instead of every row of the run.
+SERIES_TABLES = ("router_load", "expert_bias")
+
+# The roll-up of router_load, one row per (run_id, step, layer), unordered. std_load is the population std
 # (ddof 0); entropy uses H = ln S - (1/S) sum c ln c with S = sum c, which equals -sum f ln f
 # (0 ln 0 = 0 through ln(greatest(c, 1))).
 LOAD_ROLLUP_SQL = """
@@ -110,7 +121,23 @@ select run_id, step, layer,
        stddev_pop(c) / nullif(avg(c), 0) as cv
 from (select run_id, step, layer, tokens as c from {source})
 group by run_id, step, layer
-order by run_id, step, layer
+"""
+
+
+# The summary of load_rollup rows per (run_id, step); "worst" is the largest MaxVio and CV and the
+# smallest normalised entropy. median() interpolates between the middle two layers, as pandas does.
+LOAD_SUMMARY_SQL = """
+select run_id, step,
+       count(*)::smallint as layers,
+       max(experts)::smallint as experts,
+       max(tokens)::bigint as tokens,
+       sum(dead)::integer as dead,
+       median(max_vio) as max_vio_median, max(max_vio) as max_vio_worst,
+       median(cv) as cv_median, max(cv) as cv_worst,
+       median(entropy_norm) as entropy_norm_median, min(entropy_norm) as entropy_norm_worst
+from {source}
+group by run_id, step
+order by run_id, step
 """
 
 

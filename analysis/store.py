@@ -7,12 +7,20 @@ A store is a folder with one subfolder per run:
     <store>/<run_id>/heartbeat.json        time of the writer's last sign of life
     <store>/<run_id>/segments/<table>/<first:09d>-<last:09d>-seg-<writer>-<seq>.parquet
     <store>/<run_id>/segments/<table>/<first:09d>-<last:09d>-compact-<token>.parquet
+    <store>/<run_id>/segments/<table>.by_layer/layer-<L>/<name of a compacted file of table>
     <store>/<run_id>/tmp/                  temp files, renamed into segments/ when complete
 
 A .duckdb file open for writing cannot be read by another process, so the writer only ever adds
 whole Parquet files (temp name, fsync, rename) and readers query them from in-memory DuckDB. A
 compacted file lists the files it replaces in its Parquet metadata; readers ignore those until
 they are deleted, so a reader never sees a row twice or misses one during compaction.
+
+Router loads and expert biases are kept twice: in step order (a page shows one step of every layer)
+and, for each compacted file, split by layer and sorted by (expert, step) in `<table>.by_layer`
+(a page shows one expert's or one layer's history). A query that names its layer reads the copy of
+each compacted file where it exists and the file itself where not, so both give the same rows. The
+load roll-up is rebuilt at the end of a run sorted by (layer, step) in small row groups, and a per
+step summary over layers (load_summary) is kept beside it.
 """
 
 from __future__ import annotations
@@ -35,12 +43,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.schema import LOAD_ROLLUP_SQL, SCHEMA_VERSION, TABLES, SchemaVersionError, validate_batch
+from analysis.schema import (
+    LOAD_ROLLUP_SQL,
+    LOAD_SUMMARY_SQL,
+    SCHEMA_VERSION,
+    SERIES_TABLES,
+    TABLES,
+    SchemaVersionError,
+    validate_batch,
+)
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SEGMENT_NAME = re.compile(
@@ -52,6 +69,10 @@ RESERVED_MANIFEST_KEYS = frozenset({"run_id", "status", "created_at", "finished_
                                     "final"})
 CLOSING_STATUSES = ("complete", "failed")
 ROW_GROUP_ROWS = 122_880
+# The rebuilt load roll-up is sorted by (layer, step); row groups of this size let a one-layer query
+# skip all but one or two of them by their layer statistics.
+ROLLUP_ROW_GROUP_ROWS = 8192
+SERIES_SUFFIX = ".by_layer"
 # A compacted file holds at most this many rows, so a step query still picks one small file by its
 # name on a 100M-row run (one file per table would make every step query read a large footer).
 COMPACT_FILE_ROWS = 32 * ROW_GROUP_ROWS
@@ -174,6 +195,8 @@ def _locked_connection(directory: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB that can read files under `directory` only and cannot change its settings."""
     connection = duckdb.connect(config={"python_enable_replacements": False})
     connection.execute("SET allowed_directories = $dirs", {"dirs": [f"{directory}{os.sep}"]})
+    # Files are never rewritten under the same name, so footers can be kept between queries.
+    connection.execute("SET parquet_metadata_cache = true")
     connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection
@@ -249,15 +272,17 @@ class Store:
 
     def compact(self, run_id: str) -> None:
         """Merge each table's segments of a run into sorted files of at most COMPACT_FILE_ROWS rows (one
-        file for all but the largest tables) and rebuild its roll-ups."""
+        file for all but the largest tables), rebuild its roll-ups and write the per-layer copies."""
         run_dir = self._run_dir(run_id)
         with self._run_lock(run_dir):
             if self.status(run_id) != "running":
                 self._remove_temp_files(run_dir)
-            for table in TABLES:
-                if table != "load_rollup":
+            for table, spec in TABLES.items():
+                if not spec.derived:
                     self._compact_table(run_dir, table, major=True)
-            self._rebuild_load_rollup(run_dir)
+            self._rebuild_rollups(run_dir)
+            for table in SERIES_TABLES:
+                self._refresh_series(run_dir, table)
 
     def runs(self) -> pd.DataFrame:
         """One row per run: run_id, status, created_at, finished_at, steps, last_step, tokens,
@@ -295,11 +320,12 @@ class Store:
         return max((segment.last for segment in self._scan(run_dir, table)[0]), default=None)
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None, *, run: str | None = None,
-            steps: tuple[int, int] | None = None) -> pd.DataFrame:
+            steps: tuple[int, int] | None = None, layer: int | None = None) -> pd.DataFrame:
         """Run one read-only SELECT over the store's tables (views named after them) and return a DataFrame.
 
-        `run` and `steps` (a closed step range) only narrow which files the views read; the query
-        must still filter rows itself. A run that does not exist gives empty tables.
+        `run`, `steps` (a closed step range) and `layer` only narrow which files the views read (with
+        `layer`, router_load and expert_bias read their per-layer copies); the query must still
+        filter rows itself. A run that does not exist gives empty tables.
         """
         self._check_read_only(query)
         mentioned = set(re.findall(r"[a-z_]+", query.lower())) & TABLES.keys()
@@ -308,7 +334,7 @@ class Store:
             # steps is renamed last at a flush, so listing it first means every step it shows is
             # complete in the tables listed after it.
             order = sorted(mentioned, key=lambda table: (table != "steps", table))
-            return {table: self._table_segments(table, run, steps) for table in order}
+            return {table: self._table_segments(table, run, steps, layer) for table in order}
 
         def execute(views: dict[str, list[Segment]]) -> pd.DataFrame:
             with self._cursor() as cursor:
@@ -332,12 +358,15 @@ class Store:
         finally:
             cursor.close()
 
-    def _load_rollup(self, router_load: pa.Table) -> pa.Table:
-        """The load_rollup rows of a batch of router_load rows."""
+    def _rollups(self, router_load: pa.Table) -> dict[str, pa.Table]:
+        """The load_rollup and load_summary rows of a batch of router_load rows, in step order."""
         with self._cursor() as cursor:
             cursor.register("batch", router_load)
-            data = cursor.sql(LOAD_ROLLUP_SQL.format(source="batch")).to_arrow_table()
-        return data.cast(TABLES["load_rollup"].schema)
+            rollup = cursor.sql(LOAD_ROLLUP_SQL.format(source="batch") + " order by step, layer").to_arrow_table()
+            cursor.register("rollup", rollup)
+            summary = cursor.sql(LOAD_SUMMARY_SQL.format(source="rollup")).to_arrow_table()
+        return {"load_rollup": rollup.cast(TABLES["load_rollup"].schema),
+                "load_summary": summary.cast(TABLES["load_summary"].schema)}
 
     def _check_store_file(self) -> None:
         """Refuse a store whose store.json carries a newer or unknown schema version."""
@@ -441,7 +470,10 @@ class Store:
 
     def _scan(self, run_dir: Path, table: str) -> tuple[list[Segment], list[Segment]]:
         """(visible, replaced) readable segments of one table: replaced ones are listed by a compacted file."""
-        directory = run_dir / "segments" / table
+        return self._scan_dir(run_dir / "segments" / table)
+
+    def _scan_dir(self, directory: Path) -> tuple[list[Segment], list[Segment]]:
+        """(visible, replaced) readable segments in one folder of segments."""
         for _attempt in range(5):
             segments, vanished = [], False
             try:
@@ -470,8 +502,10 @@ class Store:
                 return sorted(visible, key=_segment_order), replaced
         raise StoreError(f"{directory}: segments kept changing while being listed")
 
-    def _table_segments(self, table: str, run: str | None, steps: tuple[int, int] | None) -> list[Segment]:
-        """Visible segments of `table` for one run (or all runs), narrowed to files overlapping `steps`."""
+    def _table_segments(self, table: str, run: str | None, steps: tuple[int, int] | None,
+                        layer: int | None = None) -> list[Segment]:
+        """Visible segments of `table` for one run (or all runs), narrowed to files overlapping `steps`;
+        with `layer`, each compacted file of a series table is swapped for its copy of that layer."""
         if run is None:
             run_dirs = [run_dir for run_dir, _ in self._readable_runs()]
         else:
@@ -484,6 +518,14 @@ class Store:
         if steps is not None:
             first, last = steps
             segments = [segment for segment in segments if segment.first <= last and segment.last >= first]
+        if layer is None or table not in SERIES_TABLES:
+            return segments
+        copies: dict[Path, dict[str, Segment]] = {}
+        for index, segment in enumerate(segments):
+            layer_dir = _series_dir(segment.path.parent, layer)
+            if layer_dir not in copies:
+                copies[layer_dir] = {copy.name: copy for copy in self._scan_dir(layer_dir)[0]}
+            segments[index] = copies[layer_dir].get(segment.name, segment)
         return segments
 
     def _verify_pages(self, segments: list[Segment]) -> bool:
@@ -534,20 +576,14 @@ class Store:
             raise StoreError(f"store.sql runs exactly one read-only SELECT statement, got {kinds or 'none'}")
 
     def _write_segment(self, run_dir: Path, table: str, parts: Iterable[pa.Table | pa.RecordBatch],
-                       steps: tuple[int, int], token: str, covers: list[str] | None = None) -> Path:
+                       steps: tuple[int, int], token: str, covers: list[str] | None = None,
+                       row_group_rows: int = ROW_GROUP_ROWS) -> Path:
         """Write rows of one table (steps[0]..steps[1]) as a new segment atomically, in full-size row groups."""
         path = run_dir / "segments" / table / f"{steps[0]:09d}-{steps[1]:09d}-{token}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
         schema = TABLES[table].schema
         if covers:
             schema = schema.with_metadata({COVERS_KEY: json.dumps(sorted(covers)).encode()})
-
-        def write(handle: Any) -> None:
-            with pq.ParquetWriter(handle, schema, compression="zstd", write_page_checksum=True) as writer:
-                for group in _row_groups(parts, schema):
-                    writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
-
-        _write_file_atomic(path, run_dir / "tmp", write)
+        _write_parquet(path, run_dir / "tmp", parts, schema, row_group_rows)
         return path
 
     @contextlib.contextmanager
@@ -578,22 +614,74 @@ class Store:
                 self._merge_into_segment(run_dir, table, group,
                                          lambda files, order=order: f"select * from {_parquet_list(files)}{order}")
 
-    def _rebuild_load_rollup(self, run_dir: Path) -> None:
-        """Recompute the load roll-up from the whole (compacted) router_load and replace its segments."""
-        loads, _ = self._scan(run_dir, "router_load")
-        visible, replaced = self._scan(run_dir, "load_rollup")
-        self._remove_segments(replaced)
-        if not loads:
-            self._compact_table(run_dir, "load_rollup", major=True)
-            return
-        if all(segment.kind == "compact" for segment in loads + visible) and len(visible) == 1:
-            return
-        self._merge_into_segment(run_dir, "load_rollup", loads,
-                                 lambda files: LOAD_ROLLUP_SQL.format(source=_parquet_list(files)),
-                                 replaces=visible)
+    def _rebuild_rollups(self, run_dir: Path) -> None:
+        """Recompute the load roll-up from the whole (compacted) router_load, sorted by (layer, step), and
+        the per-step summary from it, each replacing its segments."""
+        for table, source, sql in (
+            ("load_rollup", "router_load", LOAD_ROLLUP_SQL + " order by layer, step"),
+            ("load_summary", "load_rollup", LOAD_SUMMARY_SQL),
+        ):
+            inputs, _ = self._scan(run_dir, source)
+            visible, replaced = self._scan(run_dir, table)
+            self._remove_segments(replaced)
+            if not inputs:
+                self._compact_table(run_dir, table, major=True)
+                continue
+            if all(segment.kind == "compact" for segment in inputs + visible) and len(visible) == 1:
+                continue
+            self._merge_into_segment(run_dir, table, inputs,
+                                     lambda files, sql=sql: sql.format(source=_parquet_list(files)),
+                                     replaces=visible, row_group_rows=ROLLUP_ROW_GROUP_ROWS)
+
+    def _refresh_series(self, run_dir: Path, table: str) -> None:
+        """Write the per-layer copies of `table`'s compacted files that lack them, and delete copies of
+        files that are gone (readers that listed one retry)."""
+        sources = [segment for segment in self._scan(run_dir, table)[0] if segment.kind == "compact"]
+        base = run_dir / "segments" / f"{table}{SERIES_SUFFIX}"
+        present: dict[int, set[str]] = {}
+        if base.is_dir():
+            for layer_dir in base.iterdir():
+                match = re.fullmatch(r"layer-(\d+)", layer_dir.name)
+                if match and layer_dir.is_dir():
+                    present[int(match[1])] = {path.name for path in layer_dir.iterdir()}
+        for source in sources:
+            self._write_series(run_dir, table, source, present)
+        wanted = {source.name for source in sources}
+        for layer, names in present.items():
+            stale = [_series_dir(run_dir / "segments" / table, layer) / name for name in names
+                     if name not in wanted and SEGMENT_NAME.fullmatch(name)]
+            for path in stale:
+                path.unlink(missing_ok=True)
+            if stale:
+                _fsync_dir(stale[0].parent)
+
+    def _write_series(self, run_dir: Path, table: str, source: Segment, present: Mapping[int, set[str]]) -> None:
+        """Split one compacted file by layer into copies sorted by (expert, step); every layer between the
+        file's lowest and highest gets a copy (empty where it has no rows), so a complete set is visible."""
+        with self._cursor() as cursor:
+            try:
+                (low, high), = cursor.sql(f"select min(layer), max(layer) from {_parquet_list([source])}").fetchall()
+                if low is None or all(source.name in present.get(layer, ()) for layer in range(low, high + 1)):
+                    return
+                data = cursor.sql(f"select * from {_parquet_list([source])} order by layer, expert, step"
+                                  ).to_arrow_table()
+            except (duckdb.Error, OSError) as error:
+                if not _is_data_error(error):
+                    raise
+                warnings.warn(f"no per-layer copy of {source.path}: {error}", StoreWarning, stacklevel=4)
+                return
+        layers = data["layer"].to_numpy()
+        schema = TABLES[table].schema
+        for layer in range(low, high + 1):
+            if source.name in present.get(layer, ()):
+                continue
+            begin, end = np.searchsorted(layers, [layer, layer + 1])
+            path = _series_dir(source.path.parent, layer) / source.name
+            _write_parquet(path, run_dir / "tmp", [data.slice(begin, end - begin)], schema, ROW_GROUP_ROWS)
 
     def _merge_into_segment(self, run_dir: Path, table: str, inputs: list[Segment],
-                            query: Callable[[list[Segment]], str], replaces: list[Segment] | None = None) -> None:
+                            query: Callable[[list[Segment]], str], replaces: list[Segment] | None = None,
+                            row_group_rows: int = ROW_GROUP_ROWS) -> None:
         """Write query(inputs) as one compacted segment that lists what it replaces, then delete those.
 
         `replaces` defaults to the inputs; damaged inputs found while reading are skipped and kept.
@@ -606,7 +694,7 @@ class Store:
             with self._cursor() as cursor:
                 batches = cursor.sql(query(files)).to_arrow_reader(ROW_GROUP_ROWS)
                 path = self._write_segment(run_dir, table, batches, steps, token,
-                                           covers=[segment.name for segment in gone])
+                                           covers=[segment.name for segment in gone], row_group_rows=row_group_rows)
             return path, gone
 
         def readable_inputs() -> list[Segment]:
@@ -648,18 +736,37 @@ def _groups_up_to(segments: list[Segment], rows: int) -> list[list[Segment]]:
     return groups
 
 
-def _row_groups(parts: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:
-    """The parts regrouped into tables of ROW_GROUP_ROWS rows (the last one shorter): a compaction reads
-    many small segments and must not write one tiny row group per segment."""
+def _series_dir(table_dir: Path, layer: int) -> Path:
+    """Where the per-layer copies of one layer of the table at `table_dir` live."""
+    return table_dir.with_name(f"{table_dir.name}{SERIES_SUFFIX}") / f"layer-{layer}"
+
+
+def _write_parquet(path: Path, tmp_dir: Path, parts: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema,
+                   row_group_rows: int) -> None:
+    """Write `parts` as one zstd Parquet file with page checksums at `path`, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(handle: Any) -> None:
+        with pq.ParquetWriter(handle, schema, compression="zstd", write_page_checksum=True) as writer:
+            for group in _row_groups(parts, schema, row_group_rows):
+                writer.write_table(group, row_group_size=row_group_rows)
+
+    _write_file_atomic(path, tmp_dir, write)
+
+
+def _row_groups(parts: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema,
+                row_group_rows: int) -> Iterator[pa.Table]:
+    """The parts regrouped into tables of `row_group_rows` rows (the last one shorter): a compaction
+    reads many small segments and must not write one tiny row group per segment."""
     pending: list[pa.Table] = []
     pending_rows = 0
     for part in parts:
         table = pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part
         pending.append(table.cast(schema))
         pending_rows += table.num_rows
-        if pending_rows >= ROW_GROUP_ROWS:
+        if pending_rows >= row_group_rows:
             merged = pa.concat_tables(pending)
-            full = pending_rows - pending_rows % ROW_GROUP_ROWS
+            full = pending_rows - pending_rows % row_group_rows
             yield merged.slice(0, full)
             pending, pending_rows = [merged.slice(full)], pending_rows - full
     if pending_rows:
@@ -750,7 +857,7 @@ class RunWriter:
             self.heartbeat()
             return
         if "router_load" in tables:
-            tables["load_rollup"] = self._store._load_rollup(tables["router_load"])
+            tables.update(self._store._rollups(tables["router_load"]))
         self._flushes += 1
         token = f"seg-{self._writer_token}-{self._flushes:06d}"
         # steps goes last: a step whose steps row is visible has all its other rows visible too.
@@ -800,6 +907,8 @@ class RunWriter:
             if held:
                 for table in TABLES:
                     self._store._compact_table(self._run_dir, table, major=False)
+                for table in SERIES_TABLES:
+                    self._store._refresh_series(self._run_dir, table)
 
     def __enter__(self) -> RunWriter:
         """The writer itself."""

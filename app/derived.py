@@ -72,7 +72,8 @@ def _floors(tokens: int, num_experts: int, topk: int) -> tuple[float, float, flo
 
 def noise_floors(imbalance: pd.DataFrame, topk: int) -> pd.DataFrame:
     """Per step, the imbalance that uniform routing shows at that step's token count T = sum c / K.
-    imbalance: step, layer, experts, tokens. Columns: step, tokens (T), max_vio, cv, entropy_norm."""
+    imbalance: step, experts, tokens (queries.load_summary or load_imbalance rows). Columns: step,
+    tokens (T), max_vio, cv, entropy_norm."""
     per_step = imbalance.groupby("step").agg(routed=("tokens", "max"), experts=("experts", "max")).reset_index()
     per_step = per_step[per_step["routed"] >= topk]
     rows = [(step, routed // topk, *_floors(int(routed // topk), int(experts), topk))

@@ -172,24 +172,22 @@ def load_heatmap(load: pd.DataFrame, title: str) -> go.Figure:
     return _layout(figure, title, height=max(320, min(900, 60 + 9 * len(layers))), **SELECTABLE)
 
 
-def imbalance_over_steps(imbalance: pd.DataFrame, floors: pd.DataFrame | None, metric: str,
-                         layers: Sequence[int]) -> go.Figure:
+def imbalance_over_steps(summary: pd.DataFrame, layers: Mapping[int, pd.DataFrame], floors: pd.DataFrame | None,
+                         metric: str) -> go.Figure:
     """One imbalance metric over steps: median and worst layer, chosen layers, and the noise floor of
-    uniform routing at the same token count (dashed). imbalance: step, layer, <metric>;
-    floors: step, <metric> (None when the floor cannot be computed)."""
+    uniform routing at the same token count (dashed). summary: step, <metric>_median, <metric>_worst
+    (queries.load_summary); layers: layer -> step, <metric>; floors: step, <metric> (None: no floor)."""
     label = METRIC_LABELS[metric]
     title = f"{label} over steps"
-    if imbalance.empty:
+    if summary.empty:
         return _empty(title)
-    by_step = imbalance.groupby("step")[metric]
-    worst = by_step.min() if metric == "entropy_norm" else by_step.max()
-    series = {"median over layers": by_step.median(), "worst layer": worst}
-    for layer in layers:
-        series[f"layer {int(layer)}"] = imbalance[imbalance["layer"] == layer].set_index("step")[metric]
+    series = {"median over layers": summary[["step", f"{metric}_median"]].set_axis(["step", metric], axis=1),
+              "worst layer": summary[["step", f"{metric}_worst"]].set_axis(["step", metric], axis=1)}
+    series.update({f"layer {int(layer)}": frame[["step", metric]] for layer, frame in layers.items()})
     budget = MAX_POINTS // (len(series) + 1)
     figure = go.Figure()
     for name, values in series.items():
-        thin = thin_rows(values.reset_index(), budget)
+        thin = thin_rows(values, budget)
         dash = "dot" if name == "worst layer" else None
         figure.add_trace(go.Scatter(x=thin["step"], y=thin[metric], mode="lines", name=name, line={"dash": dash}))
     if floors is not None and not floors.empty:

@@ -2,9 +2,10 @@
 
 - ingest: rows per second through RunWriter.append + flush for the locked shape (time spent
   generating the synthetic rows is not counted), and the time of close (compaction and roll-ups);
-- dashboard queries: p50/p95 latency of analysis.queries on a synthetic store of the locked shape
-  (80 layers, 79 MoE x 256 experts, 8 heads) with N router_load rows, while live (segments) and
-  after close (compacted), against pandas reading the same Parquet files;
+- dashboard queries: p50/p95 latency of the analysis.queries reads the pages make, on a synthetic store
+  of the locked shape (80 layers, 79 MoE x 256 experts, 8 heads) with N router_load rows, while live
+  (segments) and after close (compacted), against pandas answering the same question from the
+  recorded Parquet files (router_load, expert_bias, ...) without the roll-ups and per-layer copies;
 - bytes on disk per recorded step for the tiny and the locked shape.
 
     .venv/bin/python bench/bench_store.py --rows 10e6,100e6 [--repeats 20] [--dir /tmp/vpmoe-bench]
@@ -26,7 +27,6 @@ import numpy as np
 import pandas as pd
 
 from analysis import queries
-from analysis.schema import LOAD_ROLLUP_SQL
 from analysis.store import RunWriter, Store
 
 
@@ -125,7 +125,9 @@ def p95(samples: list[float]) -> float:
 
 
 def dashboard_queries(store: Store, run: str, last: int) -> list[tuple[str, Callable, Callable]]:
-    """(name, the store's query, pandas over the same Parquet files) for each dashboard question."""
+    """(name, the store's query, pandas answering the same question from the recorded rows) for each read
+    the dashboard's pages make. pandas reads the recorded tables (router_load, expert_bias, layer_stats, ...)
+    with filters pushed down, as one would without the store's roll-ups and per-layer copies."""
     segments = store.root / run / "segments"
 
     def files(table: str) -> list[str]:
@@ -142,22 +144,21 @@ def dashboard_queries(store: Store, run: str, last: int) -> list[tuple[str, Call
         return frame.sort_values(["step", "layer", "expert"])
 
     def pandas_imbalance(filters: list | None) -> pd.DataFrame:
-        columns = ["step", "layer", "experts", "tokens", "max_load", "min_load", "mean_load", "std_load", "dead",
-                   "entropy", "entropy_norm", "max_vio", "cv"]
-        frame = read("load_rollup", columns, filters)
-        return frame.assign(effective_experts=np.exp(frame.entropy)).sort_values(["step", "layer"])
+        grouped = read("router_load", ["step", "layer", "tokens"], filters).groupby(["step", "layer"]).tokens
+        table = grouped.agg(["max", "min", "mean", "sum"]).assign(std=grouped.std(ddof=0))
+        return table.assign(max_vio=table["max"] / table["mean"] - 1, cv=table["std"] / table["mean"]).reset_index()
 
-    def pandas_raw_imbalance() -> pd.DataFrame:
-        grouped = read("router_load", ["step", "layer", "tokens"]).groupby(["step", "layer"]).tokens
-        summary = grouped.agg(["max", "min", "mean", "sum"]).assign(std=grouped.std(ddof=0))
-        return summary.assign(max_vio=summary["max"] / summary["mean"] - 1, cv=summary["std"] / summary["mean"])
+    def pandas_summary() -> pd.DataFrame:
+        per_step = pandas_imbalance(None).groupby("step")
+        return pd.DataFrame({"max_vio_median": per_step.max_vio.median(), "max_vio_worst": per_step.max_vio.max(),
+                             "cv_median": per_step.cv.median(), "cv_worst": per_step.cv.max()})
 
     def pandas_history() -> pd.DataFrame:
         where = [("layer", "==", 40), ("expert", "==", 100)]
         loads = read("router_load", ["step", "tokens"], where)
-        totals = read("load_rollup", ["step", "tokens", "experts"], [("layer", "==", 40)])
-        merged = loads.merge(totals, on="step", suffixes=("", "_layer"))
-        merged["load_fraction"] = merged.tokens / merged.tokens_layer
+        totals = read("router_load", ["step", "tokens"], [("layer", "==", 40)]).groupby("step").tokens.sum()
+        merged = loads.merge(totals.rename("layer_tokens"), left_on="step", right_index=True)
+        merged["load_fraction"] = merged.tokens / merged.layer_tokens
         return merged.merge(read("expert_bias", ["step", "bias"], where), on="step", how="outer")
 
     middle = last // 2
@@ -167,31 +168,33 @@ def dashboard_queries(store: Store, run: str, last: int) -> list[tuple[str, Call
         ("steps: loss curve", lambda: queries.steps(store, run),
          lambda: read("steps", ["step", "lm_loss", "aux_loss", "eval_loss", "lr", "tokens_per_s", "tokens",
                                 "step_time_s", "wall_time"]).sort_values("step")),
+        ("available_steps router_load", lambda: queries.available_steps(store, run, "router_load"),
+         lambda: np.unique(read("router_load", ["step"]).step)),
         ("expert_load @ latest step", lambda: queries.expert_load(store, run), lambda: pandas_load(last)),
         ("expert_load @ middle step", lambda: queries.expert_load(store, run, step=middle),
          lambda: pandas_load(middle)),
-        ("load_imbalance (roll-up, all)", lambda: queries.load_imbalance(store, run),
-         lambda: pandas_imbalance(None)),
+        ("load_summary (all layers)", lambda: queries.load_summary(store, run), pandas_summary),
         ("load_imbalance layer 40", lambda: queries.load_imbalance(store, run, layer=40),
          lambda: pandas_imbalance([("layer", "==", 40)])),
-        ("imbalance from raw rows (no roll-up)",
-         lambda: store.sql(LOAD_ROLLUP_SQL.format(source="router_load"), run=run), pandas_raw_imbalance),
+        ("expert_history 40/100", lambda: queries.expert_history(store, run, 40, 100), pandas_history),
         ("expert_bias @ middle step", lambda: queries.expert_bias(store, run, step=middle),
          lambda: read("expert_bias", ["step", "layer", "expert", "bias"], [("step", "==", middle)]).sort_values(
              ["step", "layer", "expert"])),
         ("bias_history layer 40", lambda: queries.bias_history(store, run, 40),
          lambda: read("expert_bias", ["step", "layer", "expert", "bias"], [("layer", "==", 40)]).sort_values(
              ["step", "expert"])),
-        ("expert_history 40/100", lambda: queries.expert_history(store, run, 40, 100), pandas_history),
-        ("available_steps router_load", lambda: queries.available_steps(store, run, "router_load"),
-         lambda: np.unique(read("load_rollup", ["step"]).step)),
+        ("layer_stats (all layers)", lambda: queries.layer_stats(store, run),
+         lambda: read("layer_stats", ["step", "layer", "aux_loss", "bias_override_rate", "aux_map_disagreement",
+                                      "value_residual_lambda"]).sort_values(["step", "layer"])),
+        ("value_residual", lambda: queries.value_residual(store, run),
+         lambda: read("layer_stats", ["step", "layer", "value_residual_lambda"]).dropna().sort_values(
+             ["step", "layer"])),
         ("attention_stats @ latest", lambda: queries.attention_stats(store, run),
          lambda: read("attention_stats", ["step", "layer", "head", "kind", "entropy", "sink_mass", "mean_distance",
                                           "window_mass"], [("step", "==", last)]).sort_values(
              ["step", "layer", "head"])),
-        ("value_residual", lambda: queries.value_residual(store, run),
-         lambda: read("layer_stats", ["step", "layer", "value_residual_lambda"]).dropna().sort_values(
-             ["step", "layer"])),
+        ("load_imbalance all layers (notebook)", lambda: queries.load_imbalance(store, run),
+         lambda: pandas_imbalance(None)),
     ]
 
 
@@ -224,7 +227,7 @@ def bench_size(root: Path, rows: int, repeats: int, budget_s: float) -> None:
     started = time.perf_counter()
     writer.flush()
     ingest_s += time.perf_counter() - started
-    header = ["query", "store p50", "store p95", "pandas p50", "pandas p95", "speedup p95"]
+    header = ["query", "store p50", "store p95", "pandas p50", "pandas p95", "pandas / store p95"]
     live = query_table(store, "bench", steps - 1, repeats, budget_s)
     started = time.perf_counter()
     writer.close()
@@ -264,8 +267,8 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="vpmoe-bench-", dir=args.dir))
     try:
-        print_table("bytes per recorded step (steps, router_load, expert_bias, layer_stats, attention_stats, "
-                    "load_rollup)", ["shape", "steps", "live B/step", "compacted B/step", "compacted per table"],
+        print_table("bytes per recorded step (every table, roll-ups and per-layer copies included)",
+                    ["shape", "steps", "live B/step", "compacted B/step", "compacted per table"],
                     [bytes_per_step(root, TINY, 2000), bytes_per_step(root, LOCKED, 200)])
         for rows in (int(float(size)) for size in args.rows.split(",")):
             bench_size(root, rows, args.repeats, args.budget)

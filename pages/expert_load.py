@@ -56,8 +56,8 @@ def expert_load() -> None:
                          "1 (white) is a fair share, red is overloaded, blue underused (colours saturate at 0 and 2; "
                          "hover for the value). Click a cell to see that expert below.")
 
-    imbalance = reader.get(queries.load_imbalance)
-    floors = derived.noise_floors(imbalance.frame, topk) if topk else None
+    summary = reader.get(queries.load_summary)
+    floors = derived.noise_floors(summary.frame, topk) if topk else None
     layers = sorted(int(layer) for layer in load.frame["layer"].unique())
     experts = sorted(int(expert) for expert in load.frame["expert"].unique())
     left, right = st.columns([3, 2])
@@ -67,8 +67,11 @@ def expert_load() -> None:
         layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0],
                               help="The layer drawn beside the median and worst layer, and drilled into below.")
         floor_call = f"app.derived.noise_floors(frame, topk={topk})  # analysis.metrics.noise_floor_*"
-        panels.chart(figures.imbalance_over_steps(imbalance.frame, floors, metric, [layer]), imbalance.frame,
-                     key="load-imbalance", calls=[imbalance.call, floor_call],
+        one_layer = reader.get(queries.load_imbalance, layer=layer)
+        panels.chart(figures.imbalance_over_steps(summary.frame, {layer: one_layer.frame}, floors, metric),
+                     summary.frame.merge(one_layer.frame[["step", metric]].rename(columns={metric: f"layer_{layer}"}),
+                                         on="step", how="left"),
+                     key="load-imbalance", calls=[summary.call, one_layer.call, floor_call],
                      caption="MaxVio = max r - 1, CV = std/mean of the loads, normalised entropy H/ln E (1 = "
                              "perfectly even). The dashed grey line is what perfectly uniform random routing shows "
                              "at the same token count: values near it are noise, not imbalance.")

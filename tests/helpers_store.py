@@ -35,7 +35,7 @@ class Shape:
         """Rows each per-step table gets for one complete step."""
         loads = len(self.moe_layers) * self.experts
         return {"steps": 1, "router_load": loads, "expert_bias": loads, "layer_stats": self.layers,
-                "attention_stats": self.layers * self.heads, "load_rollup": len(self.moe_layers)}
+                "attention_stats": self.layers * self.heads, "load_rollup": len(self.moe_layers), "load_summary": 1}
 
 
 TINY = Shape(layers=8, experts=16, heads=4)

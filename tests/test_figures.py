@@ -108,20 +108,38 @@ def imbalance_frame(steps: int, layers: int = 7) -> pd.DataFrame:
                          "entropy_norm": 1 - falling / 10})
 
 
+def summary_frame(imbalance: pd.DataFrame) -> pd.DataFrame:
+    """queries.load_summary's metric columns computed by pandas from load_imbalance rows."""
+    grouped = imbalance.groupby("step")
+    columns = {"step": grouped.size().index}
+    for metric in ("max_vio", "cv", "entropy_norm"):
+        columns[f"{metric}_median"] = grouped[metric].median().to_numpy()
+        worst = grouped[metric].min() if metric == "entropy_norm" else grouped[metric].max()
+        columns[f"{metric}_worst"] = worst.to_numpy()
+    return pd.DataFrame(columns)
+
+
+def layer_frames(imbalance: pd.DataFrame, layers: list[int]) -> dict[int, pd.DataFrame]:
+    """The rows of the chosen layers, as queries.load_imbalance(layer=...) gives them."""
+    return {layer: imbalance[imbalance["layer"] == layer] for layer in layers}
+
+
 def test_imbalance_over_steps_draws_the_noise_floor() -> None:
     imbalance = imbalance_frame(20)
     floors = pd.DataFrame({"step": np.arange(20), "max_vio": 0.2, "cv": 0.1, "entropy_norm": 0.99})
-    figure = figures.imbalance_over_steps(imbalance, floors, "max_vio", [3])
+    figure = figures.imbalance_over_steps(summary_frame(imbalance), layer_frames(imbalance, [3]), floors, "max_vio")
     names = [trace.name for trace in figure.data]
     assert names == ["median over layers", "worst layer", "layer 3", "noise floor (uniform routing)"]
     assert figure.data[-1].line.dash == "dash"
     assert figure.layout.yaxis.title.text == "MaxVio" and figure.layout.xaxis.title.text == "step"
-    worst_entropy = figures.imbalance_over_steps(imbalance, floors, "entropy_norm", [])
+    assert list(figure.data[2].y) == imbalance[imbalance["layer"] == 3]["max_vio"].tolist()
+    worst_entropy = figures.imbalance_over_steps(summary_frame(imbalance), {}, floors, "entropy_norm")
     assert min(worst_entropy.data[1].y) == pytest.approx(imbalance["entropy_norm"].min())
 
 
 def test_imbalance_without_a_floor_and_capped() -> None:
-    figure = figures.imbalance_over_steps(imbalance_frame(200_000, layers=2), None, "cv", [2])
+    imbalance = imbalance_frame(200_000, layers=2)
+    figure = figures.imbalance_over_steps(summary_frame(imbalance), layer_frames(imbalance, [2]), None, "cv")
     assert "noise floor (uniform routing)" not in [trace.name for trace in figure.data]
     assert count_points(figure) <= MAX_POINTS
 

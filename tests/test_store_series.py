@@ -1,0 +1,115 @@
+"""The per-layer copies of router_load and expert_bias, the layer-sorted roll-up and the per-step summary:
+every query that names a layer gives exactly the rows it gives from the step-ordered files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analysis.store as store_module
+from analysis import queries
+from analysis.store import Store
+from tests.helpers_store import TINY, record_run, record_step
+
+LAYER_QUERIES = {
+    "router_load": "select step, layer, expert, tokens from router_load where run_id = $run and layer = $layer"
+                   " order by step, expert",
+    "expert_bias": "select step, layer, expert, bias from expert_bias where run_id = $run and layer = $layer"
+                   " order by step, expert",
+}
+
+
+def copies(root: Path, run: str, table: str, layer: int) -> list[str]:
+    """File names of one layer's copies."""
+    folder = root / run / "segments" / f"{table}.by_layer" / f"layer-{layer}"
+    return sorted(path.name for path in folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def assert_layer_reads_match(store: Store, run: str) -> None:
+    """For every MoE layer, reading through the copies equals reading the step-ordered files."""
+    for sql in LAYER_QUERIES.values():
+        for layer in TINY.moe_layers.tolist():
+            through_copies = store.sql(sql, {"run": run, "layer": layer}, run=run, layer=layer)
+            plain = store.sql(sql, {"run": run, "layer": layer}, run=run)
+            assert len(plain) > 0
+            pd.testing.assert_frame_equal(through_copies, plain)
+
+
+def test_closed_run_has_one_copy_per_layer_of_each_compacted_file(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 1000)
+    store = Store(tmp_path)
+    record_run(store, "r1", 30, flush_every_steps=4, compact_every_flushes=0)
+    sources = sorted(path.name for path in (tmp_path / "r1" / "segments" / "router_load").glob("*.parquet"))
+    assert len(sources) == 4
+    for table in LAYER_QUERIES:
+        for layer in TINY.moe_layers.tolist():
+            assert copies(tmp_path, "r1", table, layer) == sorted(
+                path.name for path in (tmp_path / "r1" / "segments" / table).glob("*.parquet"))
+    copy = pd.read_parquet(tmp_path / "r1" / "segments" / "router_load.by_layer" / "layer-5" / sources[1])
+    assert set(copy.layer) == {5}
+    assert copy[["expert", "step"]].equals(copy[["expert", "step"]].sort_values(["expert", "step"]))
+    read = store._table_segments("router_load", "r1", (8, 15), layer=5)
+    assert [segment.path.parent.name for segment in read] == ["layer-5"] and read[0].rows == 8 * 16
+    assert_layer_reads_match(store, "r1")
+
+
+def test_a_live_run_mixes_copies_and_fresh_segments_without_double_counting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 600)
+    store = Store(tmp_path)
+    rng = np.random.default_rng(3)
+    writer = store.create_run("live", {"config": {}}, flush_every_steps=2, flush_every_s=1e9, compact_every_flushes=3)
+    for step in range(16):
+        record_step(writer, TINY, step, rng)
+    writer.flush()
+    loads = tmp_path / "live" / "segments" / "router_load"
+    assert any("-seg-" in path.name for path in loads.glob("*.parquet"))
+    assert copies(tmp_path, "live", "router_load", 2)
+    assert_layer_reads_match(store, "live")
+    history = queries.expert_history(store, "live", 3, 7)
+    assert history.step.tolist() == list(range(16)) and history.tokens.notna().all() and history.bias.notna().all()
+    writer.close()
+    assert_layer_reads_match(store, "live")
+
+
+def test_copies_of_replaced_files_are_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path)
+    rng = np.random.default_rng(4)
+    writer = store.create_run("r1", {"config": {}}, flush_every_steps=2, flush_every_s=1e9, compact_every_flushes=2)
+    for step in range(9):
+        record_step(writer, TINY, step, rng)
+    writer.flush()
+    early = copies(tmp_path, "r1", "expert_bias", 4)
+    assert early
+    writer.close()
+    final = copies(tmp_path, "r1", "expert_bias", 4)
+    assert len(final) == 1 and not set(early) & set(final)
+    assert final == sorted(path.name for path in (tmp_path / "r1" / "segments" / "expert_bias").glob("*.parquet"))
+
+
+def test_rollup_is_layer_sorted_after_close_and_the_summary_matches_pandas(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    record_run(store, "r1", 25, flush_every_steps=4)
+    rollup_files = list((tmp_path / "r1" / "segments" / "load_rollup").glob("*.parquet"))
+    assert len(rollup_files) == 1
+    stored = pd.read_parquet(rollup_files[0])
+    assert stored[["layer", "step"]].equals(stored[["layer", "step"]].sort_values(["layer", "step"]))
+    imbalance = queries.load_imbalance(store, "r1")
+    grouped = imbalance.groupby("step")
+    expected = pd.DataFrame({
+        "step": grouped.size().index, "layers": grouped.size().to_numpy(),
+        "experts": grouped.experts.max().to_numpy(), "tokens": grouped.tokens.max().to_numpy(),
+        "dead": grouped.dead.sum().to_numpy(),
+        "max_vio_median": grouped.max_vio.median().to_numpy(), "max_vio_worst": grouped.max_vio.max().to_numpy(),
+        "cv_median": grouped.cv.median().to_numpy(), "cv_worst": grouped.cv.max().to_numpy(),
+        "entropy_norm_median": grouped.entropy_norm.median().to_numpy(),
+        "entropy_norm_worst": grouped.entropy_norm.min().to_numpy(),
+    })
+    summary = queries.load_summary(store, "r1")
+    pd.testing.assert_frame_equal(summary, expected, check_dtype=False)
+    assert queries.load_summary(store, "r1", step_range=(3, 5)).step.tolist() == [3, 4, 5]
+    assert queries.available_steps(store, "r1", "router_load").step.tolist() == list(range(25))
