@@ -1,7 +1,8 @@
 """Training throughput of a config on this machine: fp32 against bf16 autocast, and 2 data-parallel ranks
 against 1 rank for the same global batch.
 
-Run: .venv/bin/python -m bench.bench_training [--config configs/tiny.toml] [--steps 20] [--rounds 2]
+Run: .venv/bin/python -m bench.bench_training [--config configs/tiny.toml] [--steps 20] [--dtype-steps 5]
+     [--rounds 2]
 
 - fp32 vs bf16: two trainers (one per dtype) take turns step by step in one process, so machine noise
   hits both alike; tokens/s = global batch tokens / median step time.
@@ -107,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.toml")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per trainer or run (after warm-up)")
+    parser.add_argument("--dtype-steps", type=int, default=5, help="timed steps per dtype (bf16 may be slow on CPU)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating 1-rank / 2-rank runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -117,8 +119,8 @@ def main() -> None:
     cfg = load_config(args.config)
     tokens = cfg.training.micro_batch_size * cfg.training.seq_length
     print_table(f"training throughput, {args.config}, {tokens} tokens per step, {torch.get_num_threads()} threads, "
-                f"{args.steps} interleaved steps each", ["dtype", "median step ms", "tokens/s", "speed vs fp32"],
-                dtype_table(args.config, args.steps))
+                f"{args.dtype_steps} interleaved steps each", ["dtype", "median step ms", "tokens/s", "speed vs fp32"],
+                dtype_table(args.config, args.dtype_steps))
     global_batch = cfg.training.micro_batch_size
     rows = []
     for round_index in range(args.rounds):

@@ -190,3 +190,14 @@ def test_cli_train_prints_losses_and_baseline(tmp_path, capsys):
     baseline = float(out.split(" for a unigram model of the same training rows")[0].split()[-1])
     assert 3.0 < baseline < 9.0 and math.isfinite(baseline)
     assert Path(tmp_path / "run" / "checkpoint-000002" / "checkpoint.json").is_file()
+
+
+def test_cli_warns_that_bf16_is_emulated_on_an_avx2_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    code = main(["train", "--out", str(tmp_path / "run"), "--steps", "1", "--micro-batch-size", "1",
+                 "--dtype", "bfloat16"])
+    assert code == 0
+    assert "has no bf16 matrix instructions" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert main(["train", "--out", str(tmp_path / "again"), "--steps", "1", "--micro-batch-size", "1"]) == 0
+    assert "bf16" not in capsys.readouterr().err

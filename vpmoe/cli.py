@@ -63,6 +63,13 @@ def _training_config(args: argparse.Namespace):
     return cfg
 
 
+def _cpu_has_bf16() -> bool:
+    """False where PyTorch's CPU kernels are at most AVX2 level, which has no bf16 matrix instructions."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
+
+
 def run_training(args: argparse.Namespace, cfg, dist, observer_factory: Callable | None = None) -> int:
     """Train as `vpmoe train` does; `observer_factory(trainer)` may return a per-step observer (recording)."""
     from pathlib import Path
@@ -83,6 +90,10 @@ def run_training(args: argparse.Namespace, cfg, dist, observer_factory: Callable
             print(f"vpmoe train: {cfg.source}, {trainer.model.kernels.as_dict()}, {cfg.runtime.dtype}, "
                   f"{dist.world_size} rank(s), {trainer.global_batch_rows} rows x {cfg.training.seq_length} tokens "
                   f"per step, from step {trainer.step} -> {cfg.training.steps}", file=sys.stderr)
+            if cfg.runtime.dtype == "bfloat16" and dist.device.type == "cpu" and not _cpu_has_bf16():
+                print(f"vpmoe train: warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 "
+                      "matrix instructions, so bf16 autocast is emulated and far slower than float32 (about 20x "
+                      "for the tiny config, bench/bench_training.py); use --dtype float32 here", file=sys.stderr)
         result = trainer.run()
     except (DataError, CheckpointError) as exc:
         print(f"vpmoe train: {exc}", file=sys.stderr)
