@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.schema import TABLES
+from analysis.schema import LOAD_SUMMARY_SQL, TABLES
 from analysis.store import Store
 
 NO_STEP = -1  # steps are never negative, so this selects nothing when a table has no rows yet
@@ -135,10 +135,17 @@ def load_summary(store: Store, run: str, step_range: tuple[int, int] | None = No
     (median over layers; worst = largest MaxVio and CV, smallest normalised entropy)."""
     window = _all_steps(step_range)
     where, params = _range_clause(window)
+    source = "load_summary" if _has_summary(store, _run(run)) else f"({LOAD_SUMMARY_SQL.format(source='load_rollup')})"
     return store.sql(
         "select step, layers, experts, tokens, dead, max_vio_median, max_vio_worst, cv_median, cv_worst,"
-        f" entropy_norm_median, entropy_norm_worst from load_summary where run_id = $run{where} order by step",
-        {"run": _run(run), **params}, run=run, steps=window)
+        f" entropy_norm_median, entropy_norm_worst from {source} where run_id = $run{where} order by step",
+        {"run": run, **params}, run=run, steps=window)
+
+
+def _has_summary(store: Store, run: str) -> bool:
+    """True unless the run has load roll-ups but no per-step summary (recorded before summaries existed);
+    such runs get their summary computed from the roll-up."""
+    return store.last_step(run, "load_summary") is not None or store.last_step(run, "load_rollup") is None
 
 
 def expert_bias(store: Store, run: str, step: int | None = None, step_range: tuple[int, int] | None = None,
@@ -280,7 +287,9 @@ def available_steps(store: Store, run: str, table: str) -> pd.DataFrame:
     """The steps recorded in one table of a run (router_load's come from its per-step summary). Columns: step."""
     if table not in TABLES:
         raise ValueError(f"table must be one of {sorted(TABLES)}, got {table!r}")
-    source = {"router_load": "load_summary", "load_rollup": "load_summary"}.get(table, table)
+    source = table
+    if table in ("router_load", "load_rollup", "load_summary"):
+        source = "load_summary" if _has_summary(store, _run(run)) else "load_rollup"
     return store.sql(f"select distinct step from {source} where run_id = $run order by step",
                      {"run": _run(run)}, run=run)
 

@@ -1,9 +1,11 @@
 """Dashboard latency and bytes in Chromium, per page, on a store of the locked model's shape (not a test).
 
-For each page: the first load (nothing cached), then repeated loads and reruns with the server's caches
-warm, as p50/p95 seconds from navigation (or from the interaction) until the script run is over and every
-chart is drawn; the bytes the page received (websocket frames, the data; HTTP bodies, mostly the
-JavaScript bundles the browser caches); and the most points any one figure holds (must stay <= 200k).
+For each page: the first load (nothing cached), then repeated loads (a new navigation: the browser boots
+Streamlit's front end again), switches to the page from the sidebar (how one moves between pages: the
+front end stays up) and step-slider reruns with the server's caches warm, as p50/p95 seconds from
+navigation (or from the click) until the script run is over and every chart is drawn; the bytes the
+page received (websocket frames, the data; HTTP bodies, mostly the JavaScript bundles the browser
+caches); and the most points any one figure holds (must stay <= 200k).
 
     .venv/bin/python -m bench.bench_dashboard [--rows 10e6] [--repeats 8] [--dir DIR]
     .venv/bin/python -m bench.bench_dashboard --shape tiny --screenshots docs/screenshots
@@ -78,6 +80,18 @@ RERUN_DONE_JS = """([since, charts]) => {
     const states = window.__states.filter(([, t]) => t >= since);
     const ran = states.findIndex(([state]) => state === 'running');
     return ran >= 0 && states.slice(ran).some(([state]) => state === 'notRunning')
+        && !document.querySelector('[data-stale="true"]')
+        && [...document.querySelectorAll('.js-plotly-plot')].filter(plot => plot.querySelector('.main-svg')).length
+           >= charts;
+}"""
+# A page switch in the sidebar is done when a script run that began after the click ended on the new
+# page (its title shown) with its charts drawn.
+SWITCH_DONE_JS = """([since, charts, title]) => {
+    const states = window.__states.filter(([, t]) => t >= since);
+    const ran = states.findIndex(([state]) => state === 'running');
+    const heading = document.querySelector('[data-testid="stMain"] h1');
+    return ran >= 0 && states.slice(ran).some(([state]) => state === 'notRunning')
+        && heading && heading.textContent.trim() === title
         && !document.querySelector('[data-stale="true"]')
         && [...document.querySelectorAll('.js-plotly-plot')].filter(plot => plot.querySelector('.main-svg')).length
            >= charts;
@@ -183,6 +197,25 @@ def rerun(page: Page, spec: PageSpec, key: str) -> tuple[float, float]:
     return (ended - since) / 1e3, (drawn - since) / 1e3
 
 
+def switch(page: Page, spec: PageSpec) -> float:
+    """Click `spec`'s link in the sidebar; seconds until the new page's run is over and its charts drawn."""
+    page.evaluate(WATCH_JS)
+    since = page.evaluate("() => performance.now()")
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=spec.title).first.click()
+    page.wait_for_function(SWITCH_DONE_JS, arg=[since, spec.charts, spec.title], timeout=120_000)
+    return (page.evaluate(NEXT_FRAME_JS) - since) / 1e3
+
+
+def switch_times(page: Page, url: str, repeats: int) -> dict[str, list[float]]:
+    """Per page, the times of `repeats` switches to it from the page before it in the sidebar (warm caches)."""
+    load(page, f"{url}/?run={RUN}", PAGES[0])
+    times: dict[str, list[float]] = {spec.title: [] for spec in PAGES}
+    for _ in range(repeats + 1):  # the first round warms the server's caches for every page
+        for spec in [*PAGES[1:], PAGES[0]]:
+            times[spec.title].append(switch(page, spec))
+    return {title: samples[1:] for title, samples in times.items()}
+
+
 def p95(samples: list[float]) -> float:
     """95th percentile (nearest rank)."""
     ordered = sorted(samples)
@@ -225,6 +258,10 @@ def measure(url: str, repeats: int) -> list[list[str]]:
                    f"{cold_bytes[1] / 1e6:.1f}", f"{max(points):,}", str(len(points))]
             print("  ".join(row), file=sys.stderr, flush=True)
             rows.append(row)
+        switches = switch_times(page, url, repeats)
+        for row in rows:
+            samples = switches[row[0]]
+            row[4:4] = [f"{statistics.median(samples):.2f}", f"{p95(samples):.2f}"]
         browser.close()
     return rows
 
@@ -285,7 +322,8 @@ def main() -> None:
             screenshots(url, args.screenshots)
         if args.shape == "locked":
             rows = measure(url, args.repeats)
-            header = ["page", "cold load s", "load p50", "load p95", "rerun script p95", "rerun p50", "rerun p95",
+            header = ["page", "cold load s", "load p50", "load p95", "switch p50", "switch p95", "rerun script p95",
+                      "rerun p50", "rerun p95",
                       "ws kB cold", "ws kB warm", "http MB cold", "max points", "figures"]
             print_table(f"dashboard in Chromium, locked shape, >= {args.rows / 1e6:.0f}M router_load rows, "
                         f"{args.repeats} warm loads and step-slider reruns per page (goal p95 <= {GOAL_P95_S} s)",

@@ -113,3 +113,16 @@ def test_rollup_is_layer_sorted_after_close_and_the_summary_matches_pandas(tmp_p
     pd.testing.assert_frame_equal(summary, expected, check_dtype=False)
     assert queries.load_summary(store, "r1", step_range=(3, 5)).step.tolist() == [3, 4, 5]
     assert queries.available_steps(store, "r1", "router_load").step.tolist() == list(range(25))
+
+
+def test_runs_recorded_before_summaries_get_their_summary_from_the_rollup(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    record_run(store, "r1", 12, flush_every_steps=4)
+    expected = queries.load_summary(store, "r1")
+    for path in (tmp_path / "r1" / "segments" / "load_summary").glob("*.parquet"):
+        path.unlink()
+    reopened = Store(tmp_path)
+    assert reopened.last_step("r1", "load_summary") is None
+    pd.testing.assert_frame_equal(queries.load_summary(reopened, "r1"), expected, check_dtype=False)
+    assert queries.available_steps(reopened, "r1", "router_load").step.tolist() == list(range(12))
+    assert queries.load_summary(reopened, "missing").empty
