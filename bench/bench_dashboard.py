@@ -55,7 +55,7 @@ class PageSpec:
 
 
 PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 4, True),
-         PageSpec("Expert bias", "expert_bias", 5, True), PageSpec("Value residual", "value_residual", 3, True),
+         PageSpec("Expert bias", "expert_bias", 4, True), PageSpec("Value residual", "value_residual", 3, True),
          PageSpec("Attention", "attention", 2, True), PageSpec("Specialisation", "specialisation", 3, True)]
 
 # Plotted values per figure, counted like app.figures.count_points, from plotly's decoded copy of the data.

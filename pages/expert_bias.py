@@ -10,6 +10,18 @@ st.title("Expert bias")
 selection = state.require_run()
 run = str(selection.run)
 LAYER_KEY, HEATMAP_KEY = f"bias-layer:{run}", "bias-heatmap"
+# layer_stats column -> (chart title, colour bar title, caption); one is drawn at a time.
+ROUTING_VIEWS = {
+    "bias_override_rate": (
+        "Bias override rate", "override",
+        "Share of top-k choices the bias changed (TopK(s + e) against TopK(s)), per MoE layer over steps. High "
+        "early is expected; it should settle low once loads balance."),
+    "aux_map_disagreement": (
+        "Aux-loss map vs dispatched", "disagreement",
+        "How far the routing map the aux loss sees (plain top-K of normalised scores) differs from the experts "
+        "tokens were dispatched to: 0 = same map, 1 = disjoint. They differ by design; a rise means the aux loss "
+        "is balancing a map that is not used."),
+}
 
 
 def pick_layer() -> None:
@@ -60,21 +72,11 @@ def expert_bias() -> None:
             st.caption("The config does not give the bias update rate u; it is estimated from the moves.")
 
     stats = reader.get(queries.layer_stats)
-    left, right = st.columns(2)
-    with left:
-        panels.chart(figures.layer_step_heatmap(stats.frame, "bias_override_rate", "Bias override rate",
-                                                "override"), stats.frame[["step", "layer", "bias_override_rate"]],
-                     key="bias-override", calls=[stats.call],
-                     caption="Share of top-k choices the bias changed (TopK(s + e) against TopK(s)), per MoE layer "
-                             "over steps. High early is expected; it should settle low once loads balance.")
-    with right:
-        panels.chart(figures.layer_step_heatmap(stats.frame, "aux_map_disagreement", "Aux-loss map vs dispatched",
-                                                "disagreement"),
-                     stats.frame[["step", "layer", "aux_map_disagreement"]], key="bias-disagreement",
-                     calls=[stats.call],
-                     caption="How far the routing map the aux loss sees (plain top-K of normalised scores) differs "
-                             "from the experts tokens were dispatched to: 0 = same map, 1 = disjoint. They differ "
-                             "by design; a rise means the aux loss is balancing a map that is not used.")
+    column = st.radio("Per layer over steps", list(ROUTING_VIEWS), horizontal=True, key="bias-routing-view",
+                      format_func=lambda name: ROUTING_VIEWS[name][0])
+    title, colorbar, caption = ROUTING_VIEWS[column]
+    panels.chart(figures.layer_step_heatmap(stats.frame, column, title, colorbar),
+                 stats.frame[["step", "layer", column]], key="bias-routing", calls=[stats.call], caption=caption)
 
 
 expert_bias()

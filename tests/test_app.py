@@ -145,7 +145,9 @@ def test_bias_page_follows_the_chosen_layer(store_root: Path, monkeypatch: pytes
     test = app(store_root, monkeypatch, "../pages/expert_bias.py", run="tiny")
     test.selectbox(key="bias-layer:tiny").set_value(6).run()
     assert {"Layer 6: bias over steps", "Layer 6: drift or dithering per expert"} <= set(titles(test))
-    assert {"Bias override rate", "Aux-loss map vs dispatched"} <= set(titles(test))
+    assert "Bias override rate" in titles(test) and "Aux-loss map vs dispatched" not in titles(test)
+    test.radio(key="bias-routing-view").set_value("aux_map_disagreement").run()
+    assert "Aux-loss map vs dispatched" in titles(test) and "Bias override rate" not in titles(test)
 
 
 def test_attention_pattern_draws_the_window_edge_of_local_heads(store_root: Path,

@@ -27,7 +27,7 @@ HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<a href
            "[click](javascript:alert(1))", "\u202eevil \u05e9\u05dc\u05d5\u05dd", "long " + "x" * 3000]
 DRAWN_CHARTS_JS = """charts => [...document.querySelectorAll('.js-plotly-plot')]
     .filter(plot => plot.querySelector('.main-svg')).length >= charts"""
-PAGES = {"Runs": 1, "Expert load": 4, "Expert bias": 5, "Value residual": 3, "Attention": 2, "Specialisation": 3}
+PAGES = {"Runs": 1, "Expert load": 4, "Expert bias": 4, "Value residual": 3, "Attention": 2, "Specialisation": 3}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); the browser tests need it",
