@@ -11,7 +11,7 @@ import pytest
 
 import analysis.store as store_module
 from analysis import queries
-from analysis.store import Store
+from analysis.store import RunWriter, Store
 from tests.helpers_store import TINY, record_run, record_step
 
 LAYER_QUERIES = {
@@ -38,6 +38,17 @@ def assert_layer_reads_match(store: Store, run: str) -> None:
             pd.testing.assert_frame_equal(through_copies, plain)
 
 
+def live_run(store: Store, run: str, steps: int, compact_every_flushes: int) -> RunWriter:
+    """A run left open after `steps` synthetic steps, flushed every 2 steps (nothing buffered)."""
+    rng = np.random.default_rng(steps)
+    writer = store.create_run(run, {"config": {}}, flush_every_steps=2, flush_every_s=1e9,
+                              compact_every_flushes=compact_every_flushes)
+    for step in range(steps):
+        record_step(writer, TINY, step, rng)
+    writer.flush()
+    return writer
+
+
 def test_closed_run_has_one_copy_per_layer_of_each_compacted_file(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 1000)
@@ -61,11 +72,7 @@ def test_a_live_run_mixes_copies_and_fresh_segments_without_double_counting(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 600)
     store = Store(tmp_path)
-    rng = np.random.default_rng(3)
-    writer = store.create_run("live", {"config": {}}, flush_every_steps=2, flush_every_s=1e9, compact_every_flushes=3)
-    for step in range(16):
-        record_step(writer, TINY, step, rng)
-    writer.flush()
+    writer = live_run(store, "live", 16, compact_every_flushes=3)
     loads = tmp_path / "live" / "segments" / "router_load"
     assert any("-seg-" in path.name for path in loads.glob("*.parquet"))
     assert copies(tmp_path, "live", "router_load", 2)
@@ -78,11 +85,7 @@ def test_a_live_run_mixes_copies_and_fresh_segments_without_double_counting(
 
 def test_copies_of_replaced_files_are_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(tmp_path)
-    rng = np.random.default_rng(4)
-    writer = store.create_run("r1", {"config": {}}, flush_every_steps=2, flush_every_s=1e9, compact_every_flushes=2)
-    for step in range(9):
-        record_step(writer, TINY, step, rng)
-    writer.flush()
+    writer = live_run(store, "r1", 9, compact_every_flushes=2)
     early = copies(tmp_path, "r1", "expert_bias", 4)
     assert early
     writer.close()
