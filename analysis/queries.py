@@ -161,13 +161,14 @@ def expert_bias(store: Store, run: str, step: int | None = None, step_range: tup
 
 def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
                  step_range: tuple[int, int] | None = None) -> pd.DataFrame:
-    """One layer's expert biases over steps (one expert's if given). Columns: step, layer, expert, bias."""
+    """One layer's expert biases over steps (one expert's if given), ordered by expert, then step (the order
+    of the per-layer copies, which makes the sort cheap). Columns: step, layer, expert, bias."""
     window = _all_steps(step_range)
     where, params = _range_clause(window)
     expert_where, expert_params = _optional("expert", expert)
     return store.sql(
         "select step, layer, expert, bias from expert_bias"
-        f" where run_id = $run and layer = $layer{where}{expert_where} order by step, expert",
+        f" where run_id = $run and layer = $layer{where}{expert_where} order by expert, step",
         {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}, run=run, steps=window,
         layer=_int("layer", layer))
 
