@@ -52,8 +52,15 @@ def test_two_ranks_equal_one_rank_with_the_whole_batch(two_ranks, tiny_cfg, tmp_
     for name, grad in grads.items():
         for r in (0, 1):
             torch.testing.assert_close(ranks[r][f"grad.{name}"], grad, rtol=1e-4, atol=1e-7, msg=name)
+    # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is near eps, a float-rounding
+    # difference dg between the two runs' gradients moves it by up to lr * |dg| / eps (lr: the peak), so that
+    # is allowed; the gradients themselves are compared to 1e-4 above.
+    t = trainer.cfg.training
     for name, param in trainer.model.named_parameters():
-        torch.testing.assert_close(ranks[0][f"param.{name}"], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
+        gap = (ranks[0][f"param.{name}"] - param.detach()).abs()
+        rounding = (ranks[0][f"grad.{name}"] - grads[name]).abs()
+        allowed = 1e-6 + 1e-4 * param.detach().abs() + t.lr * rounding / t.adam_eps
+        assert (gap <= allowed).all(), f"{name}: parameters differ by {gap.max():.3g} after one step"
     for i, router in enumerate(trainer.model.routers()):
         assert torch.equal(ranks[0][f"bias.{i}"], router.expert_bias) and torch.equal(ranks[1][f"bias.{i}"],
                                                                                       router.expert_bias)
