@@ -1,5 +1,6 @@
 """Shared fixtures: configs, seeded generators, and a CPU thread count that suits a 2-core machine."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,13 @@ def locked_cfg() -> VpMoEConfig:
 def gen() -> torch.Generator:
     """A seeded generator for random, non-zero test inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run a module on one CPU thread: the tiny model's tensors are too small for a second thread to pay off,
+    and on a busy 2-core machine spin-waiting threads made each forward about ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -50,14 +49,7 @@ E, K, RATE = 256, 4, 1e-3
 RUN = "audited-run"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run this module on one CPU thread: the tiny model's tensors are too small for a second thread to pay off,
-    and on a busy 2-core machine spin-waiting threads made each forward about ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def uniform_counts(tokens: int, layers: int = 4, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,7 @@ TEXTS = ["import os\nprint(os.getcwd())\n", "The area of a circle grows with the
 RUN = "tiny-run"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run this module on one CPU thread: the tiny model's tensors are too small for a second thread to pay off,
-    and on a busy 2-core machine spin-waiting threads made each forward about ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_tiny_checkpoint(cfg: VpMoEConfig, store_root: Path, run_id: str = RUN, step: int = 40) -> Path:
