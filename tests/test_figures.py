@@ -50,6 +50,19 @@ def test_pool_columns_averages_blocks_to_fit() -> None:
     assert same is matrix
 
 
+def test_pool_columns_keeps_evenly_spaced_labels() -> None:
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(3, 495)).astype(np.float32)
+    matrix[1, 7] = np.nan
+    pooled, labels = figures.pool_columns(matrix, np.arange(495) * 4, 3 * 250)
+    assert pooled.shape == (3, 248) and pooled.size <= 3 * 250
+    assert set(np.diff(labels).tolist()) == {8}, "plotly draws a heatmap as one image only on even spacing"
+    for block, label in enumerate(labels):
+        first = label // 4
+        expected = [np.nanmean(matrix[row, first:first + 2]) for row in range(3)]
+        np.testing.assert_allclose(pooled[:, block], expected, rtol=1e-6)
+
+
 def test_count_points_counts_cells_and_points() -> None:
     figure = go.Figure([go.Heatmap(z=np.zeros((3, 4))), go.Scatter(x=[1, 2, 3], y=[1, 2, 3])])
     assert count_points(figure) == 15
@@ -172,6 +185,27 @@ def test_bias_figures() -> None:
                           "sign_change_rate": [0.0, 0.9, 0.1]})
     scatter = figures.drift_scatter(drift, 4)
     assert sorted(trace.name for trace in scatter.data) == ["dither", "drift"]
+
+
+def test_bias_heatmap_clicks_by_block_and_hovers_every_value() -> None:
+    rng = np.random.default_rng(3)
+    layers, experts = range(1, 80), 256
+    bias = grid(layers, experts, "bias", rng.normal(0, 0.05, 79 * experts))
+    figure = figures.bias_heatmap(bias, "bias")
+    cells, targets = figure.data
+    assert targets.type == "scatter", "SVG targets: a WebGL layer costs the browser a context on every draw"
+    block = figures.BIAS_BLOCK
+    assert len(targets.x) == 79 * experts // block
+    z = np.asarray(cells.z)
+    for index in rng.choice(len(targets.x), 20, replace=False):
+        layer, centre = targets.y[index], targets.x[index]
+        first = int(centre - (block - 1) / 2)
+        assert first % block == 0
+        text = targets.customdata[index]
+        assert text.startswith(f"bias of experts {first}-{first + block - 1}<br>")
+        shown = [float(value) for value in text.split("<br>", 1)[1].replace("<br>", " ").split()]
+        np.testing.assert_allclose(shown, z[layer - 1, first:first + block], atol=5e-4, rtol=1e-2)
+    assert figure.layout.hoverdistance == -1 and figure.layout.clickmode == "event+select"
 
 
 def test_layer_step_heatmap_drops_dense_layer_nulls_and_caps() -> None:
