@@ -256,16 +256,38 @@ def classify_bias_drift(bias_history: Values, rate: float, drift_threshold: floa
     (1 = alternating every step, about 0.5 for a random walk, 0 for drift).
     "flat": path length < u/2 (never moved a whole step); "drift": straightness >= drift_threshold;
     "dither": otherwise. Both numbers are nan where undefined (flat; fewer than two moves)."""
+    return classify_bias_path(**bias_path_sums(bias_history, rate), rate=rate, drift_threshold=drift_threshold)
+
+
+def bias_path_sums(bias_history: Values, rate: float) -> dict[str, np.ndarray]:
+    """Per expert of a bias history [steps >= 2, ..., E] at rate u: net = e_last - e_first, path = sum |Δe|,
+    moves = steps with |Δe| >= u/2 and sign_changes between consecutive moves."""
     history = _as_array(bias_history).astype(np.float64)
     if history.ndim < 2 or history.shape[0] < 2 or rate <= 0:
         raise ValueError(f"need bias_history [steps >= 2, ..., E] and rate > 0, got {history.shape}, {rate}")
     steps = np.diff(history, axis=0)
-    path = np.abs(steps).sum(axis=0)
-    flat = path < rate / 2
-    straightness = np.where(flat, np.nan, np.abs(history[-1] - history[0]) / np.where(flat, 1.0, path))
     moves = np.where(np.abs(steps) >= rate / 2, np.sign(steps), 0.0)
-    move_count = (moves != 0).sum(axis=0)
-    sign_change_rate = np.where(move_count >= 2, _sign_changes(moves) / np.maximum(move_count - 1, 1), np.nan)
+    return {"net": history[-1] - history[0], "path": np.abs(steps).sum(axis=0), "moves": (moves != 0).sum(axis=0),
+            "sign_changes": _sign_changes(moves)}
+
+
+def estimated_bias_rate(bias_history: Values) -> float | None:
+    """The update rate u read off a bias history [steps, ..., E] when no config gives it: the median size of
+    the non-zero one-step changes (a sign update moves every bias by exactly u); None if nothing moved."""
+    changes = np.abs(np.diff(_as_array(bias_history).astype(np.float64), axis=0)).ravel()
+    changes = changes[changes > 0]
+    return float(np.median(changes)) if changes.size else None
+
+
+def classify_bias_path(net: Values, path: Values, moves: Values, sign_changes: Values, rate: float,
+                       drift_threshold: float = 0.5) -> BiasDrift:
+    """classify_bias_drift from the per-expert sums of bias_path_sums (which a query returns, so that a
+    page need not hold the whole history)."""
+    net, path = _as_array(net).astype(np.float64), _as_array(path).astype(np.float64)
+    moves, sign_changes = _as_array(moves), _as_array(sign_changes)
+    flat = path < rate / 2
+    straightness = np.where(flat, np.nan, np.abs(net) / np.where(flat, 1.0, path))
+    sign_change_rate = np.where(moves >= 2, sign_changes / np.maximum(moves - 1, 1), np.nan)
     labels = np.where(flat, "flat", np.where(straightness >= drift_threshold, "drift", "dither"))
     return BiasDrift(labels=labels, straightness=straightness, sign_change_rate=sign_change_rate)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from analysis import metrics
 from analysis.schema import LOAD_SUMMARY_SQL, TABLES
 from analysis.store import Store
 
@@ -160,17 +162,59 @@ def expert_bias(store: Store, run: str, step: int | None = None, step_range: tup
 
 
 def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
-                 step_range: tuple[int, int] | None = None) -> pd.DataFrame:
+                 step_range: tuple[int, int] | None = None, max_steps: int | None = None) -> pd.DataFrame:
     """One layer's expert biases over steps (one expert's if given), ordered by expert, then step (the order
-    of the per-layer copies, which makes the sort cheap). Columns: step, layer, expert, bias."""
+    of the per-layer copies, which makes the sort cheap). With `max_steps`, biases are averaged over at most
+    that many equal spans of steps, each labelled with its first step (a chart's worth of columns instead
+    of every step). Columns: step, layer, expert, bias."""
     window = _all_steps(step_range)
     where, params = _range_clause(window)
     expert_where, expert_params = _optional("expert", expert)
-    return store.sql(
-        "select step, layer, expert, bias from expert_bias"
-        f" where run_id = $run and layer = $layer{where}{expert_where} order by expert, step",
-        {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}, run=run, steps=window,
-        layer=_int("layer", layer))
+    rows = f"from expert_bias where run_id = $run and layer = $layer{where}{expert_where}"
+    params = {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}
+    if max_steps is None:
+        query = f"select step, layer, expert, bias {rows} order by expert, step"
+    else:
+        if _int("max_steps", max_steps) < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        params["columns"] = int(max_steps)
+        query = (f"with picked as (select step, layer, expert, bias {rows}),"
+                 " span as (select min(step) as first,"
+                 " greatest(1, ceil((max(step) - min(step) + 1) / $columns))::bigint as width from picked)"
+                 " select (first + (step - first) // width * width)::bigint as step, layer, expert,"
+                 " avg(bias)::float as bias from picked, span group by all order by expert, step")
+    return store.sql(query, params, run=run, steps=window, layer=_int("layer", layer))
+
+
+def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) -> pd.DataFrame:
+    """Per expert of one layer, metrics.bias_path_sums over every step recorded for all its experts: steps,
+    first_bias, last_bias, path (sum of |Δe|), moves (steps with |Δe| >= u/2), sign_changes between moves;
+    u is `rate`, or metrics.estimated_bias_rate of the layer when None (returned as `rate`, NaN if nothing
+    moved). Columns: expert, steps, first_bias, last_bias, path, moves, sign_changes, rate."""
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be a positive number, got {rate!r}")
+    rows = store.sql("select step, expert, bias from expert_bias where run_id = $run and layer = $layer",
+                     {"run": _run(run), "layer": _int("layer", layer)}, run=run, layer=_int("layer", layer))
+    columns = ["expert", "steps", "first_bias", "last_bias", "path", "moves", "sign_changes", "rate"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    # Rows come in file order, not sorted: placing them by (step, expert) index is cheaper than an ORDER BY.
+    step, expert = rows["step"].to_numpy(), rows["expert"].to_numpy()
+    grid = np.full((step.max() - step.min() + 1, expert.max() + 1), np.nan)  # [steps, experts]
+    grid[step - step.min(), expert] = rows["bias"].to_numpy()
+    experts = np.flatnonzero(~np.isnan(grid).all(axis=0))
+    grid = grid[:, experts]
+    grid = grid[~np.isnan(grid).any(axis=1)]  # only steps recorded for every expert of the layer
+    if len(grid) == 0:
+        return pd.DataFrame(columns=columns)
+    u = rate if rate is not None else metrics.estimated_bias_rate(grid)
+    if len(grid) < 2 or u is None:
+        return pd.DataFrame({"expert": experts, "steps": len(grid), "first_bias": grid[0], "last_bias": grid[-1],
+                             "path": 0.0, "moves": 0, "sign_changes": 0, "rate": u or np.nan})[columns]
+    sums = metrics.bias_path_sums(grid, u)
+    return pd.DataFrame({"expert": experts, "steps": len(grid), "first_bias": grid[0], "last_bias": grid[-1],
+                         "path": sums["path"], "moves": sums["moves"], "sign_changes": sums["sign_changes"],
+                         "rate": u})[columns]
 
 
 def layer_stats(store: Store, run: str, layer: int | None = None,

@@ -43,9 +43,9 @@ def summed_expert_load(store: Store, run: str, step_range: tuple[int, int]) -> p
 
 READS: dict[str, Callable[..., pd.DataFrame]] = {read.__name__: read for read in (
     queries.steps, queries.expert_load, queries.load_imbalance, queries.load_summary, queries.expert_bias,
-    queries.bias_history, queries.layer_stats, queries.value_residual, queries.attention_stats, queries.probe_routing,
-    queries.attention_map, queries.expert_history, queries.expert_top_tokens, queries.expert_domains,
-    queries.available_steps, summed_expert_load)}
+    queries.bias_history, queries.bias_moves, queries.layer_stats, queries.value_residual, queries.attention_stats,
+    queries.probe_routing, queries.attention_map, queries.expert_history, queries.expert_top_tokens,
+    queries.expert_domains, queries.available_steps, summed_expert_load)}
 
 
 @st.cache_data(ttl=CACHE_TTL_S, max_entries=CACHE_ENTRIES, show_spinner=False)

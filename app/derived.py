@@ -99,31 +99,18 @@ def expected_dead(load: pd.DataFrame, topk: int) -> float:
 # --- Expert bias ---------------------------------------------------------------------------------------------
 
 
-def bias_matrix(history: pd.DataFrame) -> pd.DataFrame:
-    """Biases as steps (rows) x experts (columns), steps missing for an expert dropped."""
-    return history.pivot_table(index="step", columns="expert", values="bias").dropna()
-
-
-def estimated_bias_rate(history: pd.DataFrame) -> float | None:
-    """The update rate u read off a bias history when the config does not give it: the median size of
-    the non-zero per-step moves (a sign update moves every bias by exactly u)."""
-    moves = np.abs(np.diff(bias_matrix(history).to_numpy(dtype=np.float64), axis=0)).ravel()
-    moves = moves[moves > 0]
-    return float(np.median(moves)) if moves.size else None
-
-
-def bias_drift(history: pd.DataFrame, rate: float | None) -> pd.DataFrame:
-    """Each expert's verdict (drift, dither or flat) from metrics.classify_bias_drift at update rate u;
-    no rows without a rate or with fewer than two steps. history: step, expert, bias.
+def bias_drift(moves: pd.DataFrame) -> pd.DataFrame:
+    """Each expert's verdict (drift, dither or flat) by metrics.classify_bias_path from queries.bias_moves;
+    no rows without a rate or with fewer than two steps.
     Columns: expert, label, straightness, sign_change_rate, first_bias, last_bias."""
-    matrix = bias_matrix(history)
-    if len(matrix) < 2 or not rate:
-        return pd.DataFrame(columns=["expert", "label", "straightness", "sign_change_rate", "first_bias", "last_bias"])
-    values = matrix.to_numpy(dtype=np.float64)
-    verdict = metrics.classify_bias_drift(values, rate)
-    return pd.DataFrame({"expert": matrix.columns.to_numpy(), "label": verdict.labels,
-                         "straightness": verdict.straightness, "sign_change_rate": verdict.sign_change_rate,
-                         "first_bias": values[0], "last_bias": values[-1]})
+    columns = ["expert", "label", "straightness", "sign_change_rate", "first_bias", "last_bias"]
+    rate = moves["rate"].iloc[0] if len(moves) else None
+    if moves.empty or moves["steps"].max() < 2 or not rate or not np.isfinite(rate):
+        return pd.DataFrame(columns=columns)
+    verdict = metrics.classify_bias_path(moves["last_bias"] - moves["first_bias"], moves["path"], moves["moves"],
+                                         moves["sign_changes"], float(rate))
+    return moves.assign(label=verdict.labels, straightness=verdict.straightness,
+                        sign_change_rate=verdict.sign_change_rate)[columns]
 
 
 # --- Specialisation from the probe routing ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import queries
+from analysis import metrics, queries
 from analysis.store import RunWriter, Store
 
 
@@ -161,6 +161,17 @@ def dashboard_queries(store: Store, run: str, last: int) -> list[tuple[str, Call
         merged["load_fraction"] = merged.tokens / merged.layer_tokens
         return merged.merge(read("expert_bias", ["step", "bias"], where), on="step", how="outer")
 
+    def pandas_pooled_bias() -> pd.DataFrame:
+        bias = read("expert_bias", ["step", "expert", "bias"], [("layer", "==", 40)])
+        width = max(1, -(-(bias.step.max() - bias.step.min() + 1) // 250))
+        bias["step"] = bias.step.min() + (bias.step - bias.step.min()) // width * width
+        return bias.groupby(["expert", "step"], as_index=False).bias.mean()
+
+    def pandas_moves() -> pd.DataFrame:
+        grid = read("expert_bias", ["step", "expert", "bias"], [("layer", "==", 40)]).pivot_table(
+            index="step", columns="expert", values="bias").dropna()
+        return pd.DataFrame(metrics.bias_path_sums(grid.to_numpy(), 1e-3))
+
     middle = last // 2
     return [
         ("last_step (file names)", lambda: queries.last_step(store, run),
@@ -180,9 +191,12 @@ def dashboard_queries(store: Store, run: str, last: int) -> list[tuple[str, Call
         ("expert_bias @ middle step", lambda: queries.expert_bias(store, run, step=middle),
          lambda: read("expert_bias", ["step", "layer", "expert", "bias"], [("step", "==", middle)]).sort_values(
              ["step", "layer", "expert"])),
-        ("bias_history layer 40", lambda: queries.bias_history(store, run, 40),
+        ("bias_history layer 40 (notebook)", lambda: queries.bias_history(store, run, 40),
          lambda: read("expert_bias", ["step", "layer", "expert", "bias"], [("layer", "==", 40)]).sort_values(
-             ["step", "expert"])),
+             ["expert", "step"])),
+        ("bias_history layer 40, 250 spans", lambda: queries.bias_history(store, run, 40, max_steps=250),
+         pandas_pooled_bias),
+        ("bias_moves layer 40 (drift)", lambda: queries.bias_moves(store, run, 40, rate=1e-3), pandas_moves),
         ("layer_stats (all layers)", lambda: queries.layer_stats(store, run),
          lambda: read("layer_stats", ["step", "layer", "aux_loss", "bias_override_rate", "aux_map_disagreement",
                                       "value_residual_lambda"]).sort_values(["step", "layer"])),

@@ -50,26 +50,27 @@ def expert_bias() -> None:
 
     layers = sorted(int(layer) for layer in bias.frame["layer"].unique())
     layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0])
-    history = reader.get(queries.bias_history, layer=layer)
+    history = reader.get(queries.bias_history, layer=layer, max_steps=figures.STEP_COLUMNS)
     left, right = st.columns(2)
     with left:
         panels.chart(figures.bias_over_steps(history.frame, layer), history.frame, key="bias-history",
                      calls=[history.call],
-                     caption="Every expert of this layer (rows) over steps (columns). A steady colour gradient "
-                             "along a row is drift; speckle is an expert dithering around its balance point.")
+                     caption="Every expert of this layer (rows) over steps (columns; long runs averaged over equal "
+                             "spans of steps). A steady colour gradient along a row is drift; speckle is an expert "
+                             "dithering around its balance point.")
     with right:
-        rate = shape.bias_update_rate or derived.estimated_bias_rate(history.frame)
-        drift = derived.bias_drift(history.frame, rate)
+        moves = reader.get(queries.bias_moves, layer=layer, rate=shape.bias_update_rate)
+        drift = derived.bias_drift(moves.frame)
         panels.chart(figures.drift_scatter(drift, layer), drift, key="bias-drift",
-                     calls=[history.call, f"app.derived.bias_drift(frame, rate={rate!r})  "
-                                          "# analysis.metrics.classify_bias_drift"],
-                     caption="Per expert: straightness (1 = moved one way all along) against how often a move "
-                             "reversed the last one (about 0.5 for a random walk). Drift: straightness >= 0.5; "
-                             "flat: never moved a whole step of u.")
+                     calls=[moves.call, "app.derived.bias_drift(frame)  # analysis.metrics.classify_bias_path"],
+                     caption="Per expert, over every recorded step: straightness (1 = moved one way all along) "
+                             "against how often a move reversed the last one (about 0.5 for a random walk). Drift: "
+                             "straightness >= 0.5; flat: never moved a whole step of u.")
         if len(steps) < 2:
             st.info("Drift needs at least two recorded steps.")
         elif shape.bias_update_rate is None:
-            st.caption("The config does not give the bias update rate u; it is estimated from the moves.")
+            st.caption("The config does not give the bias update rate u; it is estimated from the moves "
+                       "(the median non-zero change of a bias in one step).")
 
     stats = reader.get(queries.layer_stats)
     column = st.radio("Per layer over steps", list(ROUTING_VIEWS), horizontal=True, key="bias-routing-view",

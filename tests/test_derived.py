@@ -43,13 +43,15 @@ def test_starved_experts_and_expected_dead() -> None:
 
 
 def test_bias_drift_labels_steady_and_dithering_experts() -> None:
-    steps = np.arange(20)
-    rows = [(step, 0, 1e-3 * step) for step in steps] + [(step, 1, 1e-3 * (step % 2)) for step in steps]
-    history = pd.DataFrame(rows, columns=["step", "expert", "bias"])
-    drift = derived.bias_drift(history, 1e-3)
-    assert drift.set_index("expert")["label"].to_dict() == {0: "drift", 1: "dither"}
-    assert derived.estimated_bias_rate(history) == pytest.approx(1e-3)
-    assert derived.bias_drift(history, None).empty
+    # Expert 0 climbs 1e-3 a step for 19 steps; expert 1 goes up and down every step; expert 2 never moves.
+    moves = pd.DataFrame({"expert": [0, 1, 2], "steps": 20, "first_bias": [0.0, 0.0, 0.5],
+                          "last_bias": [0.019, 1e-3, 0.5], "path": [0.019, 0.019, 0.0], "moves": [19, 19, 0],
+                          "sign_changes": [0, 18, 0], "rate": 1e-3})
+    drift = derived.bias_drift(moves).set_index("expert")
+    assert drift["label"].to_dict() == {0: "drift", 1: "dither", 2: "flat"}
+    assert drift.loc[0, "straightness"] == pytest.approx(1.0) and drift.loc[1, "sign_change_rate"] == 1.0
+    assert derived.bias_drift(moves.assign(rate=np.nan)).empty
+    assert derived.bias_drift(moves.assign(steps=1)).empty
 
 
 def probe(domains: dict[int, str], experts: list[list[int]]) -> pd.DataFrame:

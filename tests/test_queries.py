@@ -13,8 +13,9 @@ from helpers_store import TINY, record_run, record_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis import queries
+from analysis import metrics, queries
 from analysis.store import Store
+from app import derived
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -140,6 +141,55 @@ def test_load_imbalance_comes_from_the_rollup_and_matches_pandas(store: Store) -
     assert np.allclose(frame.cv, grouped.std(ddof=0) / grouped.mean())
     assert np.allclose(frame.effective_experts, np.exp(frame.entropy))
     assert len(queries.load_imbalance(store, "a", step_range=(10, 19))) == 10 * 7
+
+
+def bias_run(store: Store, run: str, history: np.ndarray) -> None:
+    """A run whose layer 2 biases are `history` [steps, experts]."""
+    steps, experts = history.shape
+    with store.create_run(run, {"config": {}}, flush_every_steps=7) as writer:
+        for step in range(steps):
+            writer.append("expert_bias", {"step": step, "layer": 2, "expert": np.arange(experts),
+                                          "bias": history[step].astype(np.float32)})
+
+
+def test_bias_moves_classify_like_the_whole_history(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    rate, steps = 1e-3, 60
+    walk = np.cumsum(rate * rng.choice([-1.0, 0.0, 1.0], size=(steps, 6)), axis=0)
+    steady = np.outer(np.arange(steps), [rate, -rate])
+    flat = np.full((steps, 1), 0.25)
+    history = np.concatenate([walk, steady, flat, rng.normal(0, 0.01, (steps, 3))], axis=1).astype(np.float32)
+    store = Store(tmp_path)
+    bias_run(store, "r", history)
+    oracle_input = history.astype(np.float64)
+    for given_rate in (rate, None):
+        moves = queries.bias_moves(store, "r", 2, rate=given_rate)
+        changes = np.abs(np.diff(oracle_input, axis=0))
+        expected_rate = rate if given_rate else float(np.median(changes[changes > 0]))
+        assert moves["rate"].iloc[0] == pytest.approx(expected_rate, rel=1e-9)
+        expected = metrics.classify_bias_drift(oracle_input, expected_rate)
+        drift = derived.bias_drift(moves)
+        assert drift["expert"].tolist() == list(range(history.shape[1]))
+        assert drift["label"].tolist() == expected.labels.tolist()
+        np.testing.assert_allclose(drift["straightness"].astype(float), expected.straightness, rtol=1e-9)
+        np.testing.assert_allclose(drift["sign_change_rate"].astype(float), expected.sign_change_rate, rtol=1e-9)
+    assert queries.bias_moves(store, "nobody", 2).empty
+    with pytest.raises(ValueError, match="rate"):
+        queries.bias_moves(store, "r", 2, rate=-1.0)
+
+
+@pytest.mark.parametrize("max_steps", [1, 7, 30, 200])
+def test_bias_history_averages_equal_spans_of_steps(store: Store, max_steps: int) -> None:
+    biases = raw(store, "a", "expert_bias").query("layer == 4")
+    width = max(1, -(-30 // max_steps))
+    expected = (biases.assign(step=biases.step // width * width).groupby(["expert", "step"], as_index=False)
+                .bias.mean())
+    pooled = queries.bias_history(store, "a", 4, max_steps=max_steps)
+    assert pooled[["expert", "step"]].values.tolist() == expected[["expert", "step"]].values.tolist()
+    np.testing.assert_allclose(pooled.bias, expected.bias, rtol=1e-5, atol=1e-9)  # float32 means
+    assert pooled.step.nunique() <= max_steps and (pooled.layer == 4).all()
+    with pytest.raises(ValueError, match="max_steps"):
+        queries.bias_history(store, "a", 4, max_steps=0)
 
 
 def test_bias_and_expert_history_match_the_raw_rows(store: Store) -> None:
