@@ -21,6 +21,9 @@ and, for each compacted file, split by layer and sorted by (expert, step) in `<t
 each compacted file where it exists and the file itself where not, so both give the same rows. The
 load roll-up is rebuilt at the end of a run sorted by (layer, step) in small row groups, and a per
 step summary over layers (load_summary) is kept beside it.
+
+A run whose writer is gone can be resumed from a step (Store.resume_run): the manifest is rewritten
+first, then every row of a later step is dropped by the same replace-then-delete as compaction.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,7 +70,7 @@ TEMP_NAME = re.compile(rf"(?:{SEGMENT_NAME.pattern}|manifest\.json|heartbeat\.js
 STORE_FILE, MANIFEST, HEARTBEAT, COMPACT_LOCK = "store.json", "manifest.json", "heartbeat.json", "compact.lock"
 COVERS_KEY = b"vpmoe.covers"
 RESERVED_MANIFEST_KEYS = frozenset({"run_id", "status", "created_at", "finished_at", "schema_version", "writer",
-                                    "final"})
+                                    "final", "resumes"})
 CLOSING_STATUSES = ("complete", "failed")
 ROW_GROUP_ROWS = 122_880
 # The rebuilt load roll-up is sorted by (layer, step); row groups of this size let a one-layer query
@@ -214,6 +218,9 @@ class Store:
 
     def __init__(self, root: str | Path, *, stale_after_s: float = 60.0) -> None:
         """Open (creating if needed) the store folder; a writer silent for `stale_after_s` is gone."""
+        if not stale_after_s > 0:
+            # Writers beat every stale_after_s / 4: zero would spin the beat thread.
+            raise StoreError(f"stale_after_s must be a positive number of seconds, got {stale_after_s!r}")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.stale_after_s = stale_after_s
@@ -231,26 +238,12 @@ class Store:
         `config_hash` and any other JSON provenance; run_id, status, times and the writer are set here.
         """
         check_run_id(run_id)
-        reserved = sorted(RESERVED_MANIFEST_KEYS & manifest.keys())
-        if reserved:
-            raise StoreError(f"run {run_id}: manifest keys {reserved} are set by the store; leave them out")
-        for key in ("config", "kernels", "data"):
-            if not isinstance(manifest.get(key, {}), Mapping):
-                raise StoreError(f"run {run_id}: manifest[{key!r}] must be a dict, got {type(manifest[key]).__name__}")
-        if "config" not in manifest:
-            raise StoreError(f"run {run_id}: manifest needs a 'config' dict")
-        config = manifest["config"]
+        manifest = _checked_manifest(run_id, manifest)
         record = {
             "run_id": run_id, "status": "running", "created_at": _now_iso(), "schema_version": SCHEMA_VERSION,
-            "config_hash": manifest.get("config_hash") or _config_hash(run_id, config),
-            "kernels": {}, "data": {}, "code_revision": None, **manifest,
-            "writer": {"pid": os.getpid(), "hostname": socket.gethostname(),
-                       "process_start": _process_start(os.getpid())},
+            "config_hash": manifest.get("config_hash") or _config_hash(run_id, manifest["config"]),
+            "kernels": {}, "data": {}, "code_revision": None, **manifest, "writer": _writer_identity(),
         }
-        try:
-            json.dumps(record)
-        except (TypeError, ValueError) as error:
-            raise StoreError(f"run {run_id}: manifest is not JSON-serialisable: {error}") from error
         self._write_store_file()
         run_dir = self.root / run_id
         try:
@@ -262,6 +255,42 @@ class Store:
         _write_json_atomic(run_dir / MANIFEST, run_dir / "tmp", record)
         return RunWriter(self, run_dir, record, flush_every_steps=flush_every_steps, flush_every_s=flush_every_s,
                          compact_every_flushes=compact_every_flushes)
+
+    def resume_run(self, run_id: str, manifest: Mapping[str, Any], from_step: int, *, flush_every_steps: int = 25,
+                   flush_every_s: float = 2.0, compact_every_flushes: int = 64) -> RunWriter:
+        """Continue a run whose writer is gone (incomplete, failed or complete) after `from_step`: drop its rows
+        of later steps (they will be recorded again) and return a writer that appends to it, status "running".
+
+        `manifest` is what create_run takes and must have the run's config hash; the stored config, hash and
+        created_at are kept, and the new fields that differ are listed in the manifest's `resumes` entry.
+        """
+        run_dir = self._run_dir(run_id)
+        if isinstance(from_step, bool) or not isinstance(from_step, int) or from_step < 0:
+            raise StoreError(f"run {run_id}: from_step must be a step number (an int >= 0), got {from_step!r}")
+        manifest = _checked_manifest(run_id, manifest)
+        with self._run_lock(run_dir):
+            stored = self._resumable_manifest(run_dir, manifest)
+            self._remove_temp_files(run_dir)
+            resume = {"from_step": from_step, "at": _now_iso(), "previous_status": self._status(run_dir, stored),
+                      "changed": {key: value for key, value in manifest.items() if stored.get(key) != value}}
+            record = {**{key: value for key, value in stored.items() if key not in ("finished_at", "final")},
+                      "status": "running", "writer": _writer_identity(),
+                      "resumes": [*stored.get("resumes", []), resume]}
+            # The manifest says "running" before any row goes: a resume killed half-way leaves a run shown
+            # as incomplete (never as complete with rows missing), and resuming again finishes the job.
+            _write_json_atomic(run_dir / MANIFEST, run_dir / "tmp", record)
+            writer = RunWriter(self, run_dir, record, flush_every_steps=flush_every_steps,
+                               flush_every_s=flush_every_s, compact_every_flushes=compact_every_flushes)
+            try:
+                self._drop_steps_after(run_dir, from_step)
+            except BaseException as error:
+                writer._close_after_error(error)
+                raise
+        return writer
+
+    def has_run(self, run_id: str) -> bool:
+        """True if the store holds a run named `run_id` (whatever its status)."""
+        return self._existing_run_dir(run_id) is not None
 
     def append_rows(self, run_id: str, table: str, columns: Mapping[str, Any]) -> None:
         """Add rows to an existing run as one atomic segment (audits and other rows written after the fact)."""
@@ -435,6 +464,55 @@ class Store:
         if writer.get("hostname") == socket.gethostname():
             return "running" if _process_alive(writer["pid"], writer.get("process_start")) else "incomplete"
         return "running" if time.time() - self._heartbeat_time(run_dir, manifest) < self.stale_after_s else "incomplete"
+
+    def _resumable_manifest(self, run_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The stored manifest of a run that `manifest` may resume, else StoreError saying why not."""
+        run_id = run_dir.name
+        try:
+            stored = self._manifest(run_dir)
+        except SchemaVersionError as error:
+            raise StoreError(f"run {run_id}: cannot resume it: {error}") from error
+        if stored.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"run {run_id}: written with schema version {stored.get('schema_version')!r}, this "
+                             f"code writes {SCHEMA_VERSION}; record the continuation under a new run id")
+        if self._status(run_dir, stored) == "running":
+            writer = stored["writer"]
+            raise StoreError(f"run {run_id}: its writer (pid {writer.get('pid')} on {writer.get('hostname')}) is "
+                             "still recording it; stop it, or wait until the run shows as incomplete")
+        new_hash = manifest.get("config_hash") or _config_hash(run_id, manifest["config"])
+        if new_hash != stored.get("config_hash"):
+            raise StoreError(f"run {run_id}: config hash {new_hash} differs from the run's {stored.get('config_hash')}"
+                             "; resuming would mix two models in one run, record it under a new run id")
+        return stored
+
+    def _drop_steps_after(self, run_dir: Path, step: int) -> None:
+        """Remove every row of a step after `step` from every table, then copy the new files by layer and
+        delete the copies of removed ones.
+
+        steps goes first (a flush writes it last): a step it still lists keeps all its rows elsewhere.
+        """
+        for table in sorted(TABLES, key=lambda name: name != "steps"):
+            visible, replaced = self._scan(run_dir, table)
+            self._remove_segments(replaced)
+            self._remove_segments([segment for segment in visible if segment.first > step])
+            for segment in visible:
+                if segment.first <= step < segment.last:
+                    self._truncate_segment(run_dir, table, segment, step)
+        for table in SERIES_TABLES:
+            self._refresh_series(run_dir, table)
+
+    def _truncate_segment(self, run_dir: Path, table: str, segment: Segment, step: int) -> None:
+        """Replace one segment by a compacted file of its rows up to `step` that lists it as replaced."""
+        try:
+            data = pq.ParquetFile(segment.path, page_checksum_verification=True).read()
+        except (OSError, ValueError, pa.ArrowException) as error:
+            raise StoreError(f"{segment.path}: cannot read it to drop its steps after {step}: {error}; move the file "
+                             "out of the store and resume again") from error
+        kept = data.filter(pc.less_equal(data["step"], step))
+        row_group_rows = ROLLUP_ROW_GROUP_ROWS if TABLES[table].derived else ROW_GROUP_ROWS
+        self._write_segment(run_dir, table, [kept], _step_range(kept), "compact-" + os.urandom(4).hex(),
+                            covers=[segment.name], row_group_rows=row_group_rows)
+        self._remove_segments([segment])
 
     @staticmethod
     def _heartbeat_time(run_dir: Path, manifest: Mapping[str, Any]) -> float:
@@ -801,16 +879,39 @@ def _config_hash(run_id: str, config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _checked_manifest(run_id: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """`manifest` as plain JSON values, else StoreError naming a key that is reserved, missing or mistyped."""
+    reserved = sorted(RESERVED_MANIFEST_KEYS & manifest.keys())
+    if reserved:
+        raise StoreError(f"run {run_id}: manifest keys {reserved} are set by the store; leave them out")
+    for key in ("config", "kernels", "data"):
+        if not isinstance(manifest.get(key, {}), Mapping):
+            raise StoreError(f"run {run_id}: manifest[{key!r}] must be a dict, got {type(manifest[key]).__name__}")
+    if "config" not in manifest:
+        raise StoreError(f"run {run_id}: manifest needs a 'config' dict")
+    try:
+        return json.loads(json.dumps(manifest))
+    except (TypeError, ValueError) as error:
+        raise StoreError(f"run {run_id}: manifest is not JSON-serialisable: {error}") from error
+
+
+def _writer_identity() -> dict[str, Any]:
+    """Who writes a run: this process's pid, host and start time (readers check it is still alive)."""
+    return {"pid": os.getpid(), "hostname": socket.gethostname(), "process_start": _process_start(os.getpid())}
+
+
 class RunWriter:
     """Buffers one run's rows in memory and writes them as atomic Parquet segments.
 
     Flushes happen when a new step begins and `flush_every_steps` steps or `flush_every_s` seconds
-    have gathered, so a step's rows of all tables land together. Not thread-safe: one recorder.
+    have gathered, so a step's rows of all tables land together. Not thread-safe: one recorder. A
+    daemon thread writes the heartbeat while the writer is open, so a long evaluation or checkpoint
+    save with nothing to append does not make the run look dead.
     """
 
     def __init__(self, store: Store, run_dir: Path, manifest: dict[str, Any], *, flush_every_steps: int,
                  flush_every_s: float, compact_every_flushes: int) -> None:
-        """Use Store.create_run; this is its return value."""
+        """Use Store.create_run or Store.resume_run; this is their return value."""
         self._store = store
         self._run_dir = run_dir
         self._manifest = manifest
@@ -823,10 +924,19 @@ class RunWriter:
         self._writer_token = os.urandom(4).hex()
         self._flushes = 0
         self._last_flush = time.monotonic()
-        self._last_heartbeat = 0.0
         self._last_step: int | None = None
         self._closed = False
+        # The beat thread and the recorder both write heartbeat.json through the same temp name.
+        self._heartbeat_lock = threading.Lock()
         self.heartbeat()
+        self._stop_beating = threading.Event()
+        # The thread holds the writer weakly, so a writer dropped without close() stops beating and its run
+        # turns incomplete, as a recorder that died would.
+        weakref.finalize(self, self._stop_beating.set)
+        self._beat_thread = threading.Thread(
+            target=_beat_until_stopped, name=f"vpmoe-heartbeat-{self.run_id}", daemon=True,
+            args=(weakref.ref(self), self._stop_beating, min(5.0, store.stale_after_s / 4)))
+        self._beat_thread.start()
 
     @property
     def run_id(self) -> str:
@@ -846,8 +956,6 @@ class RunWriter:
         self._buffer.setdefault(table, []).append(batch)
         self._buffered_steps.update(pc.unique(batch["step"]).to_pylist())
         self._max_buffered_step = max(self._max_buffered_step, last)
-        if time.monotonic() - self._last_heartbeat > min(5.0, self._store.stale_after_s / 4):
-            self.heartbeat()
 
     def flush(self) -> None:
         """Write one segment per table with buffered rows; when this returns, those steps are acknowledged."""
@@ -874,10 +982,10 @@ class RunWriter:
             self._compact_small_segments()
 
     def heartbeat(self) -> None:
-        """Tell readers this writer is alive (call it during long pauses with nothing to append)."""
-        _write_json_atomic(self._run_dir / HEARTBEAT, self._run_dir / "tmp",
-                           {"time": time.time(), "last_step": self._last_step}, durable=False)
-        self._last_heartbeat = time.monotonic()
+        """Tell readers this writer is alive (the beat thread calls it; any thread may)."""
+        with self._heartbeat_lock:
+            _write_json_atomic(self._run_dir / HEARTBEAT, self._run_dir / "tmp",
+                               {"time": time.time(), "last_step": self._last_step}, durable=False)
 
     def close(self, status: str = "complete", **final_fields: Any) -> None:
         """Flush, compact and build roll-ups (if complete), then rewrite the manifest with `status` last."""
@@ -892,6 +1000,9 @@ class RunWriter:
         self.flush()
         if status == "complete":
             self._store.compact(self.run_id)
+        # Beats stop before the final manifest: nothing of this writer touches the run once it is closed.
+        self._stop_beating.set()
+        self._beat_thread.join()
         self._manifest = {**self._manifest, "status": status, "finished_at": _now_iso(), "final": final_fields}
         _write_json_atomic(self._run_dir / MANIFEST, self._run_dir / "tmp", self._manifest)
         self._closed = True
@@ -919,8 +1030,25 @@ class RunWriter:
         if exc is None:
             self.close("complete")
             return
+        self._close_after_error(exc)
+
+    def _close_after_error(self, error: BaseException) -> None:
+        """Close as failed; a failure to do so is added to `error` as a note, not raised over it."""
         try:
             self.close("failed")
         except Exception as close_error:
-            exc.add_note(f"closing run {self.run_id} as failed also failed: {close_error!r}")
+            error.add_note(f"closing run {self.run_id} as failed also failed: {close_error!r}")
+
+
+def _beat_until_stopped(writer_ref: weakref.ref[RunWriter], stop: threading.Event, interval: float) -> None:
+    """Write the writer's heartbeat every `interval` s until `stop` is set or the writer is garbage collected."""
+    while not stop.wait(interval):
+        writer = writer_ref()
+        if writer is None:
+            return
+        # A failed beat only makes readers see the run as stale sooner; the recorder's own writes report
+        # the disk error.
+        with contextlib.suppress(OSError):
+            writer.heartbeat()
+        del writer
 

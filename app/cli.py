@@ -22,7 +22,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not args.record:
         return model_cli._cmd_train(args)
     from analysis.probes import Recorder, probe_prompts, run_manifest
-    from analysis.store import Store
+    from analysis.store import Store, StoreError
     from vpmoe.training.checkpoint import code_revision
     from vpmoe.training.data import PackedDataset
     from vpmoe.training.loop import Trainer
@@ -30,8 +30,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = model_cli._training_config(args)
     out = Path(args.out)
     store_root, run_id = _store_and_run(out, args.store, args.run_id)
-    if args.resume and args.run_id is None:
-        run_id = f"{run_id}-resumed"
     dist = init_distributed(cfg.runtime.device)
     if dist.world_size > 1:
         print("vpmoe train: --record runs in one process; launch without torchrun to record", file=sys.stderr)
@@ -44,15 +42,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                 seed=cfg.training.seed, text_field=args.text_field)
         data = {"train": trainer.train_data.describe(), "probe_prompts": "first held-out document of each domain",
                 "tokens_per_step": trainer.global_batch_rows * cfg.training.seq_length}
-        writer = store.create_run(run_id, run_manifest(cfg, trainer.model, data, code_revision(),
-                                                       checkpoints=str(out.resolve()), resumed_from=trainer.step),
-                                  flush_every_steps=cfg.recording.flush_every_steps,
-                                  flush_every_s=cfg.recording.flush_every_s)
+        manifest = run_manifest(cfg, trainer.model, data, code_revision(), checkpoints=str(out.resolve()))
+        flushing = {"flush_every_steps": cfg.recording.flush_every_steps, "flush_every_s": cfg.recording.flush_every_s}
+        if args.resume and store.has_run(run_id):
+            # The same run goes on: its rows after the checkpoint's step are dropped and recorded again.
+            writer = store.resume_run(run_id, manifest, trainer.step, **flushing)
+        else:
+            writer = store.create_run(run_id, {**manifest, "resumed_from": trainer.step}, **flushing)
         recorder_box["r"] = Recorder(trainer.model, writer, probe_prompts(heldout, cfg.recording.probe_tokens))
         print(f"recording into {store_root}/{run_id} (serve it: vpmoe serve --store {store_root})", file=sys.stderr)
         return recorder_box["r"]
 
-    code = model_cli.run_training(args, cfg, dist, observer_factory=make_observer)
+    try:
+        code = model_cli.run_training(args, cfg, dist, observer_factory=make_observer)
+    except StoreError as exc:
+        print(f"vpmoe train: {exc}", file=sys.stderr)
+        code = 2
     recorder = recorder_box.get("r")
     if recorder is not None:
         recorder.writer.close("complete" if code == 0 else "failed")

@@ -114,6 +114,23 @@ def record_run(store: Store, run_id: str, steps: int, *, seed: int = 0, probe_ev
             record_step(writer, TINY, step, rng, probes=step % probe_every == 0)
 
 
+def rows_per_step(store: Store, run_id: str, table: str) -> dict[int, int]:
+    """{step: row count} of one table of one run."""
+    frame = store.sql(f"select step, count(*) as n from {table} where run_id = $run group by step",
+                      {"run": run_id}, run=run_id)
+    return dict(zip(frame.step.tolist(), frame.n.tolist(), strict=True))
+
+
+def assert_steps_whole(store: Store, run_id: str, acknowledged: list[int]) -> None:
+    """Every acknowledged step is recorded, and every step any table holds has all of that table's rows."""
+    recorded = set(rows_per_step(store, run_id, "steps"))
+    assert set(acknowledged) <= recorded
+    for table, expected in TINY.rows_per_step().items():
+        counts = rows_per_step(store, run_id, table)
+        assert set(counts.values()) <= {expected}, (table, counts)
+        assert recorded <= set(counts), (table, sorted(recorded - set(counts)))
+
+
 def main(argv: list[str]) -> None:
     """Record steps forever-ish, printing each step after the flush that acknowledged it."""
     root, run_id, steps, flush_every, compact_every = argv

@@ -1,6 +1,7 @@
 """The `vpmoe` command end to end: train with recording, record a checkpoint, audit it."""
 
 import json
+import shutil
 
 import pytest
 
@@ -26,6 +27,24 @@ def test_train_record_writes_a_complete_run_beside_the_checkpoints(recorded_run)
     assert sorted(queries.expert_load(store, "demo", step=3).layer.unique()) == list(range(2, 9))
     assert (recorded_run / "demo" / "checkpoint-000003" / "checkpoint.json").is_file()
     assert store.manifest("demo")["kernels"] == {"attention": "blocked", "experts": "grouped"}
+
+
+def test_train_resume_record_continues_the_same_run(recorded_run, tmp_path, capsys):
+    root = tmp_path / "runs"
+    shutil.copytree(recorded_run, root)
+    resume = ["train", "--out", str(root / "demo"), "--steps", "5", "--micro-batch-size", "1", "--record",
+              "--threads", "1", "--resume"]
+    with Store(root).create_run("busy", {"config": {}}):
+        assert main([*resume, "--run-id", "busy"]) == 2
+    assert "run busy: its writer" in capsys.readouterr().err
+    assert main(resume) == 0
+    store = Store(root)
+    assert "demo-resumed" not in set(store.runs().run_id) and store.status("demo") == "complete"
+    assert list(queries.steps(store, "demo").step) == [1, 2, 3, 4, 5]
+    resumes = store.manifest("demo")["resumes"]
+    assert [(entry["from_step"], entry["previous_status"]) for entry in resumes] == [(3, "complete")]
+    assert resumes[0]["changed"]["config"]["training"]["steps"] == 5
+    assert store.manifest("demo")["config"]["training"]["steps"] == 3
 
 
 def test_record_a_checkpoint_without_training(recorded_run, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -237,18 +238,57 @@ def test_store_folder_with_a_quote_in_its_name(tmp_path: Path) -> None:
     assert store.sql("select count(*) as n from steps").n[0] == 2
 
 
-def test_status_uses_heartbeat_for_writers_on_other_hosts(tmp_path: Path) -> None:
-    store = Store(tmp_path, stale_after_s=0.5)
-    writer = store.create_run("r1", {"config": {}})
-    path = tmp_path / "r1" / "manifest.json"
+def as_if_on_another_host(root: Path, run_id: str) -> None:
+    """Rewrite a run's manifest so readers judge its writer by the heartbeat, not by its pid."""
+    path = root / run_id / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["writer"]["hostname"] = "another-host"
     path.write_text(json.dumps(manifest))
-    assert store.status("r1") == "running"
-    time.sleep(0.6)
+
+
+def test_status_uses_heartbeat_for_writers_on_other_hosts(tmp_path: Path) -> None:
+    store = Store(tmp_path, stale_after_s=1.0)
+    writer = store.create_run("r1", {"config": {}})
+    as_if_on_another_host(tmp_path, "r1")
+    # A pause four times longer than stale_after_s with nothing appended (a long evaluation): still running.
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        assert Store(tmp_path, stale_after_s=1.0).status("r1") == "running"
+        time.sleep(0.1)
+    # A writer that stops beating (dropped without close, as a frozen recorder would) turns stale.
+    del writer
+    time.sleep(1.5)
     assert store.status("r1") == "incomplete"
-    writer.heartbeat()
-    assert store.status("r1") == "running"
+
+
+def test_heartbeats_from_the_recorder_and_the_beat_thread_do_not_collide(tmp_path: Path) -> None:
+    store = Store(tmp_path, stale_after_s=0.004)  # the thread beats every millisecond
+    writer = store.create_run("r1", {"config": {}})
+    for _ in range(2000):
+        writer.heartbeat()
+    writer.close()
+    assert os.listdir(tmp_path / "r1" / "tmp") == []
+
+
+def test_close_stops_the_heartbeat_thread_and_a_dropped_writer_stops_it_too(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="stale_after_s must be a positive number of seconds, got 0"):
+        Store(tmp_path, stale_after_s=0)
+    store = Store(tmp_path, stale_after_s=0.2)
+    threads = set(threading.enumerate())
+    writer = store.create_run("r1", {"config": {}})
+    beating, = set(threading.enumerate()) - threads
+    assert beating.name == "vpmoe-heartbeat-r1" and beating.daemon
+    record_step(writer, TINY, 0, np.random.default_rng(0))
+    writer.close()
+    assert not beating.is_alive() and beating not in threading.enumerate()
+    beat_at = (tmp_path / "r1" / "heartbeat.json").stat().st_mtime_ns
+    time.sleep(0.2)
+    assert (tmp_path / "r1" / "heartbeat.json").stat().st_mtime_ns == beat_at
+    writer = Store(tmp_path, stale_after_s=60).create_run("r2", {"config": {}})
+    beating, = set(threading.enumerate()) - threads
+    del writer
+    beating.join(timeout=1)
+    assert not beating.is_alive()
 
 
 def test_append_rows_adds_an_audit_to_a_finished_run(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_store import TINY, record_step
+from helpers_store import TINY, assert_steps_whole, record_step, rows_per_step
 
 from analysis.store import Store, StoreWarning
 
@@ -50,23 +50,6 @@ class Recorder:
     def finish(self) -> None:
         self.process.wait(timeout=60)
         self._reader.join(timeout=10)
-
-
-def rows_per_step(store: Store, run_id: str, table: str) -> dict[int, int]:
-    """{step: row count} of one table of one run."""
-    frame = store.sql(f"select step, count(*) as n from {table} where run_id = $run group by step",
-                      {"run": run_id}, run=run_id)
-    return dict(zip(frame.step.tolist(), frame.n.tolist(), strict=True))
-
-
-def assert_steps_whole(store: Store, run_id: str, acknowledged: list[int]) -> None:
-    """Every acknowledged step is recorded, and every step any table holds has all of that table's rows."""
-    recorded = set(rows_per_step(store, run_id, "steps"))
-    assert set(acknowledged) <= recorded
-    for table, expected in PER_STEP.items():
-        counts = rows_per_step(store, run_id, table)
-        assert set(counts.values()) <= {expected}, (table, counts)
-        assert recorded <= set(counts), (table, sorted(recorded - set(counts)))
 
 
 def test_kill_9_at_random_moments_loses_no_acknowledged_step(tmp_path: Path) -> None:
