@@ -24,6 +24,7 @@ from vpmoe.model.router import aux_loss_routing, seq_aux_loss, sigmoid_topk_rout
 from vpmoe.model.transformer import VpMoE, VpMoEOutput
 from vpmoe.tokenizer import get_tokenizer
 from vpmoe.training.data import Batch, PackedDataset
+from vpmoe.training.distributed import all_reduce_sum
 
 ATTENTION_STATS = ("entropy", "sink_mass", "mean_distance", "window_mass")
 
@@ -137,6 +138,16 @@ class _Accumulator:
             self.attention = attention if self.attention is None else self.attention + attention
         self.micro += 1
 
+    def sum_over_ranks(self) -> None:
+        """Add up every data-parallel rank's sums (a no-op alone): loads become the whole step's, and the
+        per-micro-batch means are averaged over micro * ranks."""
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return
+        all_reduce_sum(self.routing)
+        if self.attention is not None:
+            all_reduce_sum(self.attention)
+        self.micro *= torch.distributed.get_world_size()
+
 
 class Recorder:
     """Records a run into a store `RunWriter` through nnsight; usable as the training loop's observer.
@@ -144,13 +155,18 @@ class Recorder:
     Every `every` steps: router loads, expert bias, bias override rate, aux-map disagreement, aux loss
     and value-residual lambda per layer; every `attention_every` steps attention statistics per head;
     every `probe_every` steps per-token routing and attention maps on a fixed probe set.
+
+    Under data parallelism every rank runs a Recorder over its own micro-batches (traced through the
+    DDP wrapper, so gradients still synchronise); the step's statistics are summed over ranks, and only
+    the rank given a writer (None on the others) writes rows and runs the probe set.
     """
 
-    def __init__(self, model: VpMoE, writer: Any, prompts: list[ProbePrompt]) -> None:
+    def __init__(self, model: VpMoE, writer: Any | None, prompts: list[ProbePrompt]) -> None:
         self.model, self.writer, self.prompts = model, writer, prompts
         self.cfg: VpMoEConfig = model.cfg
         self.rec = self.cfg.recording
         self.traced = NNsight(model)
+        self._traced_wrapper: tuple[nn.Module, Any] | None = None  # (DDP wrapper, its NNsight)
         self.moe_layers = [b.layer for b in model.blocks if isinstance(b.ffn, MoEFFN)]
         self._step_stats = _Accumulator()
         self._last_step_time = time.time()
@@ -170,18 +186,16 @@ class Recorder:
 
     def trace_statistics(self, tokens: Tensor, labels: Tensor | None, with_attention: bool, model: nn.Module
                          ) -> tuple[VpMoEOutput, Tensor, Tensor | None]:
-        """Run `model` on a batch inside one nnsight trace; return its output and the stacked statistics."""
-        if model is not self.model:
-            raise ValueError("the recorder traces the model it was built with; data-parallel (DDP) runs are not "
-                             "recorded: train with one process to record")
+        """Run `model` (the recorder's model, or a DDP wrapper of it) on a batch inside one nnsight trace;
+        return its output and the stacked statistics."""
+        traced, inner = self._traced(model)
         B, T = tokens.shape
         queries = sample_queries(T, self.rec.attention_queries, tokens.device)
-        traced = self.traced
         attention = None  # nnsight hands back only values assigned and saved inside the trace
         with traced.trace(tokens, labels=labels, return_logits=False):
             routing_rows, attention_rows = [], []
             for i, block in enumerate(self.model.blocks):
-                envoy = traced.blocks[i]
+                envoy = inner.blocks[i]
                 if with_attention:
                     attn = block.attn
                     q = envoy.attn.q.output[0].detach()  # statistics never join the training graph
@@ -201,6 +215,18 @@ class Recorder:
             output = traced.output.save()
         return output, routing, attention
 
+    def _traced(self, model: nn.Module) -> tuple[Any, Any]:
+        """(the NNsight object to trace, the envoy of the recorder's model inside it) for `model`."""
+        if model is self.model:
+            return self.traced, self.traced
+        if getattr(model, "module", None) is not self.model:
+            raise ValueError("the recorder traces the model it was built with, or a DistributedDataParallel "
+                             f"wrapper of it; got a {type(model).__name__}")
+        if self._traced_wrapper is None or self._traced_wrapper[0] is not model:
+            self._traced_wrapper = (model, NNsight(model))
+        traced = self._traced_wrapper[1]
+        return traced, traced.module
+
     def forward(self, model: nn.Module, batch: Batch, step: int, micro: int) -> VpMoEOutput:
         """The training loop's micro-batch forward: traced when the coming step records, plain otherwise."""
         coming = step + 1
@@ -212,13 +238,18 @@ class Recorder:
         return output
 
     def on_step(self, info: Any, model: VpMoE) -> None:
-        """Write the step's rows: the steps row always, the rest on recorded steps."""
+        """Write the step's rows: the steps row always, the rest on recorded steps (on every rank: the
+        statistics are summed over ranks here, then only the writing rank writes)."""
+        stats, self._step_stats = self._step_stats, _Accumulator()
+        if stats.routing is not None:
+            stats.sum_over_ranks()
+        if self.writer is None:
+            return
         now = time.time()
         self.writer.append("steps", {
             "step": info.step, "lm_loss": info.lm_loss, "aux_loss": info.aux_loss, "eval_loss": info.eval_loss,
             "lr": info.lr, "tokens_per_s": info.tokens_per_s, "tokens": info.tokens,
             "step_time_s": info.step_time_s, "wall_time": now})
-        stats, self._step_stats = self._step_stats, _Accumulator()
         if stats.routing is not None:
             self.write_layer_rows(info.step, stats)
         if info.step % self.rec.probe_every == 0:

@@ -28,20 +28,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vpmoe.training.loop import Trainer
 
     cfg = model_cli._training_config(args)
+    if cfg.runtime.compile:
+        # nnsight reads q and k inside the attention half, which [runtime].compile hands to torch.compile,
+        # where hook points added after compiling never fire.
+        print(f"vpmoe train: --record needs [runtime].compile = false ({args.config} sets it true): the recorder "
+              "reads attention inside the compiled half; record with a copy of the config without compile",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     store_root, run_id = _store_and_run(out, args.store, args.run_id)
     dist = init_distributed(cfg.runtime.device)
-    if dist.world_size > 1:
-        print("vpmoe train: --record runs in one process; launch without torchrun to record", file=sys.stderr)
-        return 2
-    store = Store(store_root, stale_after_s=max(60.0, 4 * cfg.recording.flush_every_s))
+    # Under torchrun every rank records its own micro-batches and rank 0 writes the summed statistics.
+    store = Store(store_root, stale_after_s=max(60.0, 4 * cfg.recording.flush_every_s)) if dist.is_main else None
     recorder_box: dict[str, Recorder] = {}
 
     def make_observer(trainer: Trainer) -> Recorder:
+        if store is None:
+            recorder_box["r"] = Recorder(trainer.model, None, [])
+            return recorder_box["r"]
         heldout = PackedDataset(args.data, split="heldout", seq_length=cfg.training.seq_length,
                                 seed=cfg.training.seed, text_field=args.text_field)
         data = {"train": trainer.train_data.describe(), "probe_prompts": "first held-out document of each domain",
-                "tokens_per_step": trainer.global_batch_rows * cfg.training.seq_length}
+                "tokens_per_step": trainer.global_batch_rows * cfg.training.seq_length,
+                "data_parallel_ranks": dist.world_size}
         manifest = run_manifest(cfg, trainer.model, data, code_revision(), checkpoints=str(out.resolve()))
         flushing = {"flush_every_steps": cfg.recording.flush_every_steps, "flush_every_s": cfg.recording.flush_every_s}
         if args.resume and store.has_run(run_id):
@@ -59,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"vpmoe train: {exc}", file=sys.stderr)
         code = 2
     recorder = recorder_box.get("r")
-    if recorder is not None:
+    if recorder is not None and recorder.writer is not None:
         recorder.writer.close("complete" if code == 0 else "failed")
     return code
 
