@@ -166,7 +166,7 @@ def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
     """One layer's expert biases over steps (one expert's if given), ordered by expert, then step (the order
     of the per-layer copies, which makes the sort cheap). With `max_steps`, biases are averaged over at most
     that many equal spans of steps, each labelled with its first step (a chart's worth of columns instead
-    of every step). Columns: step, layer, expert, bias."""
+    of every step; a span holds the same number of recorded steps). Columns: step, layer, expert, bias."""
     window = _all_steps(step_range)
     where, params = _range_clause(window)
     expert_where, expert_params = _optional("expert", expert)
@@ -178,11 +178,16 @@ def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
         if _int("max_steps", max_steps) < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         params["columns"] = int(max_steps)
+        # Spans of the same number of recorded steps, each labelled with its first recorded step.
         query = (f"with picked as (select step, layer, expert, bias {rows}),"
-                 " span as (select min(step) as first,"
-                 " greatest(1, ceil((max(step) - min(step) + 1) / $columns))::bigint as width from picked)"
-                 " select (first + (step - first) // width * width)::bigint as step, layer, expert,"
-                 " avg(bias)::float as bias from picked, span group by all order by expert, step")
+                 " ranked as (select step, row_number() over (order by step) - 1 as position"
+                 "   from (select distinct step from picked)),"
+                 " width as (select greatest(1, ceil(count(*) / $columns))::bigint as steps from ranked),"
+                 " spans as (select step, position // steps as span from ranked, width),"
+                 " labels as (select span, min(step) as label from spans group by span)"
+                 " select label as step, layer, expert, avg(bias)::float as bias"
+                 " from picked join spans using (step) join labels using (span)"
+                 " group by label, layer, expert order by expert, step")
     return store.sql(query, params, run=run, steps=window, layer=_int("layer", layer))
 
 
@@ -200,8 +205,11 @@ def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) ->
         return pd.DataFrame(columns=columns)
     # Rows come in file order, not sorted: placing them by (step, expert) index is cheaper than an ORDER BY.
     step, expert = rows["step"].to_numpy(), rows["expert"].to_numpy()
-    grid = np.full((step.max() - step.min() + 1, expert.max() + 1), np.nan)  # [steps, experts]
-    grid[step - step.min(), expert] = rows["bias"].to_numpy()
+    span = int(step.max() - step.min() + 1)
+    # Dense runs index by step offset; sparse ones (recorded every k steps) by the recorded steps' rank.
+    row = step - step.min() if span <= 4 * len(step) / (expert.max() + 1) else np.unique(step, return_inverse=True)[1]
+    grid = np.full((row.max() + 1, expert.max() + 1), np.nan)  # [steps, experts]
+    grid[row, expert] = rows["bias"].to_numpy()
     experts = np.flatnonzero(~np.isnan(grid).all(axis=0))
     grid = grid[:, experts]
     grid = grid[~np.isnan(grid).any(axis=1)]  # only steps recorded for every expert of the layer

@@ -930,8 +930,8 @@ class RunWriter:
         self._heartbeat_lock = threading.Lock()
         self.heartbeat()
         self._stop_beating = threading.Event()
-        # The thread holds the writer weakly, so a writer dropped without close() stops beating and its run
-        # turns incomplete, as a recorder that died would.
+        # The thread holds the writer weakly, so a writer dropped without close() stops beating (readers on
+        # other hosts then see the run go stale; on this host the writer's process still counts as alive).
         weakref.finalize(self, self._stop_beating.set)
         self._beat_thread = threading.Thread(
             target=_beat_until_stopped, name=f"vpmoe-heartbeat-{self.run_id}", daemon=True,
@@ -997,12 +997,15 @@ class RunWriter:
             json.dumps(final_fields)
         except (TypeError, ValueError) as error:
             raise StoreError(f"run {self.run_id}: final fields are not JSON-serialisable: {error}") from error
-        self.flush()
-        if status == "complete":
-            self._store.compact(self.run_id)
-        # Beats stop before the final manifest: nothing of this writer touches the run once it is closed.
-        self._stop_beating.set()
-        self._beat_thread.join()
+        try:
+            self.flush()
+            if status == "complete":
+                self._store.compact(self.run_id)
+        finally:
+            # Beats stop before the final manifest (nothing of this writer touches the run once it is closed),
+            # and also when flushing fails, so that the run does not look alive after the failure.
+            self._stop_beating.set()
+            self._beat_thread.join()
         self._manifest = {**self._manifest, "status": status, "finished_at": _now_iso(), "final": final_fields}
         _write_json_atomic(self._run_dir / MANIFEST, self._run_dir / "tmp", self._manifest)
         self._closed = True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vpmoe import cli as model_cli
 from vpmoe.config import ConfigError
-from vpmoe.training.distributed import init_distributed
+from vpmoe.training.distributed import all_reduce_mean, init_distributed
 
 
 def _store_and_run(out: Path, store: str | None, run_id: str | None) -> tuple[Path, str]:
@@ -42,12 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     store = Store(store_root, stale_after_s=max(60.0, 4 * cfg.recording.flush_every_s)) if dist.is_main else None
     recorder_box: dict[str, Recorder] = {}
 
-    def make_observer(trainer: Trainer) -> Recorder:
-        if store is None:
-            recorder_box["r"] = Recorder(trainer.model, None, [])
-            return recorder_box["r"]
+    def open_recorder(trainer: Trainer, store: Store) -> Recorder:
         heldout = PackedDataset(args.data, split="heldout", seq_length=cfg.training.seq_length,
                                 seed=cfg.training.seed, text_field=args.text_field)
+        prompts = probe_prompts(heldout, cfg.recording.probe_tokens)  # before the run is touched
         data = {"train": trainer.train_data.describe(), "probe_prompts": "first held-out document of each domain",
                 "tokens_per_step": trainer.global_batch_rows * cfg.training.seq_length,
                 "data_parallel_ranks": dist.world_size}
@@ -58,8 +56,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
             writer = store.resume_run(run_id, manifest, trainer.step, **flushing)
         else:
             writer = store.create_run(run_id, {**manifest, "resumed_from": trainer.step}, **flushing)
-        recorder_box["r"] = Recorder(trainer.model, writer, probe_prompts(heldout, cfg.recording.probe_tokens))
         print(f"recording into {store_root}/{run_id} (serve it: vpmoe serve --store {store_root})", file=sys.stderr)
+        return Recorder(trainer.model, writer, prompts)
+
+    def make_observer(trainer: Trainer) -> Recorder:
+        recorder, error = None, None
+        if store is not None:
+            try:
+                recorder = open_recorder(trainer, store)
+            except Exception as exc:  # re-raised below, once every rank knows rank 0 cannot record
+                error = exc
+        if dist.world_size > 1 and all_reduce_mean(float(error is not None), dist.device) > 0 and error is None:
+            raise StoreError("rank 0 could not start recording (its message says why); every rank stops")
+        if error is not None:
+            raise error
+        recorder_box["r"] = recorder or Recorder(trainer.model, None, [])
         return recorder_box["r"]
 
     try:

@@ -140,8 +140,14 @@ def free_port() -> int:
 def served(store: Path) -> Iterator[str]:
     """The dashboard served by app.serve on a free port, stopped (its process group) on exit."""
     port = free_port()
-    command = [sys.executable, "-c", "import sys; from app.serve import serve; "
-               "raise SystemExit(serve(sys.argv[1], port=int(sys.argv[2])))", str(store), str(port)]
+    with serving([sys.executable, "-c", "import sys; from app.serve import serve; "
+                  "raise SystemExit(serve(sys.argv[1], port=int(sys.argv[2])))", str(store), str(port)], port) as url:
+        yield url
+
+
+@contextmanager
+def serving(command: list[str], port: int) -> Iterator[str]:
+    """Run a Streamlit server `command` listening on `port`; its URL once healthy, stopped on exit."""
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -158,6 +164,33 @@ def served(store: Path) -> Iterator[str]:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
+
+
+# The least a Streamlit page with a plotly chart costs to load here: the floor under every page's load time.
+FLOOR_APP = """import plotly.graph_objects as go
+import streamlit as st
+
+st.title("Floor")
+st.plotly_chart(go.Figure(go.Scatter(x=[0, 1], y=[0, 1])))
+"""
+
+
+def floor_loads(repeats: int, folder: Path) -> list[float]:
+    """Seconds per warm full load of FLOOR_APP served with the dashboard's server settings."""
+    script = folder / "floor_app.py"
+    script.write_text(FLOOR_APP)
+    port = free_port()
+    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+               "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+               "--client.toolbarMode", "viewer"]
+    spec = PageSpec("Floor", "", 1, False)
+    with serving(command, port) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1500, "height": 1200}).new_page()
+        load(page, url, spec)
+        times = [load(page, url, spec) for _ in range(repeats)]
+        browser.close()
+    return times
 
 
 @dataclass
@@ -328,6 +361,9 @@ def main() -> None:
             print_table(f"dashboard in Chromium, locked shape, >= {args.rows / 1e6:.0f}M router_load rows, "
                         f"{args.repeats} warm loads and step-slider reruns per page (goal p95 <= {GOAL_P95_S} s)",
                         header, rows)
+            floor = floor_loads(args.repeats, args.dir)
+            print(f"\nfloor: a bare Streamlit page with one 2-point plotly chart, {args.repeats} warm full loads: "
+                  f"p50 {statistics.median(floor):.2f} s, p95 {p95(floor):.2f} s")
 
 
 if __name__ == "__main__":

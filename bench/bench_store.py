@@ -163,8 +163,9 @@ def dashboard_queries(store: Store, run: str, last: int) -> list[tuple[str, Call
 
     def pandas_pooled_bias() -> pd.DataFrame:
         bias = read("expert_bias", ["step", "expert", "bias"], [("layer", "==", 40)])
-        width = max(1, -(-(bias.step.max() - bias.step.min() + 1) // 250))
-        bias["step"] = bias.step.min() + (bias.step - bias.step.min()) // width * width
+        steps = np.sort(bias.step.unique())
+        width = max(1, -(-len(steps) // 250))
+        bias["step"] = bias.step.map(dict(zip(steps, steps[np.arange(len(steps)) // width * width], strict=True)))
         return bias.groupby(["expert", "step"], as_index=False).bias.mean()
 
     def pandas_moves() -> pd.DataFrame:

@@ -59,7 +59,7 @@ def expert_bias() -> None:
                              "spans of steps). A steady colour gradient along a row is drift; speckle is an expert "
                              "dithering around its balance point.")
     with right:
-        moves = reader.get(queries.bias_moves, layer=layer, rate=shape.bias_update_rate)
+        moves = reader.get(queries.bias_moves, layer=layer, rate=shape.bias_update_rate or None)
         drift = derived.bias_drift(moves.frame)
         panels.chart(figures.drift_scatter(drift, layer), drift, key="bias-drift",
                      calls=[moves.call, "app.derived.bias_drift(frame)  # analysis.metrics.classify_bias_path"],
@@ -68,7 +68,7 @@ def expert_bias() -> None:
                              "straightness >= 0.5; flat: never moved a whole step of u.")
         if len(steps) < 2:
             st.info("Drift needs at least two recorded steps.")
-        elif shape.bias_update_rate is None:
+        elif not shape.bias_update_rate:
             st.caption("The config does not give the bias update rate u; it is estimated from the moves "
                        "(the median non-zero change of a bias in one step).")
 

@@ -62,11 +62,16 @@ def test_train_record_under_torchrun_sums_every_ranks_statistics(tmp_path):
     vpmoe = Path(sys.executable).parent / "vpmoe"
     two = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(vpmoe), "train", "--out",
            str(tmp_path / "two" / "run"), "--steps", "2", "--record", "--micro-batch-size", "1"]
-    proc = subprocess.run(two, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with Store(tmp_path / "two").create_run("busy", {"config": {}}):  # rank 0 cannot record into a live run
+        refused = subprocess.run([*two, "--run-id", "busy"], env=env, capture_output=True, text=True, timeout=300,
+                                 cwd=ROOT)
+    assert refused.returncode != 0 and "run 'busy' already exists" in refused.stderr
+    assert "rank 0 could not start recording" in refused.stderr, "the other rank stops too instead of waiting"
+    proc = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone, ranks = Store(tmp_path / "one"), Store(tmp_path / "two")
-    assert list(queries.runs(ranks).status) == ["complete"]
+    assert list(queries.runs(ranks).status) == ["complete", "complete"]
     assert ranks.manifest("run")["data"]["data_parallel_ranks"] == 2
     for step in (1, 2):
         expected = queries.expert_load(alone, "run", step=step)

@@ -178,18 +178,45 @@ def test_bias_moves_classify_like_the_whole_history(tmp_path: Path) -> None:
         queries.bias_moves(store, "r", 2, rate=-1.0)
 
 
+def pooled_bias(biases: pd.DataFrame, max_steps: int) -> pd.DataFrame:
+    """The oracle of bias_history(max_steps=): spans of the same number of recorded steps, averaged."""
+    steps = np.sort(biases.step.unique())
+    width = max(1, -(-len(steps) // max_steps))
+    label = dict(zip(steps, steps[np.arange(len(steps)) // width * width], strict=True))
+    return (biases.assign(step=biases.step.map(label)).groupby(["expert", "step"], as_index=False).bias.mean())
+
+
 @pytest.mark.parametrize("max_steps", [1, 7, 30, 200])
 def test_bias_history_averages_equal_spans_of_steps(store: Store, max_steps: int) -> None:
     biases = raw(store, "a", "expert_bias").query("layer == 4")
-    width = max(1, -(-30 // max_steps))
-    expected = (biases.assign(step=biases.step // width * width).groupby(["expert", "step"], as_index=False)
-                .bias.mean())
+    expected = pooled_bias(biases, max_steps)
     pooled = queries.bias_history(store, "a", 4, max_steps=max_steps)
     assert pooled[["expert", "step"]].values.tolist() == expected[["expert", "step"]].values.tolist()
     np.testing.assert_allclose(pooled.bias, expected.bias, rtol=1e-5, atol=1e-9)  # float32 means
     assert pooled.step.nunique() <= max_steps and (pooled.layer == 4).all()
     with pytest.raises(ValueError, match="max_steps"):
         queries.bias_history(store, "a", 4, max_steps=0)
+
+
+def test_sparse_recording_pools_and_classifies_recorded_steps_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    recorded = np.arange(0, 100_000, 1000)  # every 1000 steps: a dense grid would be 100,000 rows
+    history = np.cumsum(rng.choice([-1e-3, 1e-3], size=(len(recorded), 5)), axis=0)
+    store = Store(tmp_path)
+    with store.create_run("sparse", {"config": {}}, flush_every_steps=10) as writer:
+        for step, biases in zip(recorded, history, strict=True):
+            writer.append("expert_bias", {"step": int(step), "layer": 2, "expert": np.arange(5),
+                                          "bias": biases.astype(np.float32)})
+    pooled = queries.bias_history(store, "sparse", 2, max_steps=30)
+    assert set(pooled.step) <= set(recorded.tolist()) and set(np.diff(np.sort(pooled.step.unique()))) == {4000}
+    everything = queries.bias_history(store, "sparse", 2)
+    expected = pooled_bias(everything, 30)
+    np.testing.assert_allclose(pooled.bias, expected.bias, rtol=1e-5, atol=1e-9)
+    moves = queries.bias_moves(store, "sparse", 2, rate=1e-3)
+    oracle = metrics.bias_path_sums(history.astype(np.float32).astype(np.float64), 1e-3)
+    assert moves.steps.tolist() == [len(recorded)] * 5
+    np.testing.assert_allclose(moves.path, oracle["path"], rtol=1e-9)
+    assert moves.sign_changes.tolist() == oracle["sign_changes"].tolist()
 
 
 def test_bias_and_expert_history_match_the_raw_rows(store: Store) -> None:

@@ -291,6 +291,22 @@ def test_close_stops_the_heartbeat_thread_and_a_dropped_writer_stops_it_too(tmp_
     assert not beating.is_alive()
 
 
+def test_a_failed_close_stops_the_heartbeat_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path, stale_after_s=0.2)
+    writer = store.create_run("r1", {"config": {}})
+    record_step(writer, TINY, 0, np.random.default_rng(0))
+
+    def broken_compact(run_id: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "compact", broken_compact)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close("complete")
+    assert not writer._beat_thread.is_alive()
+    writer.close("failed")
+    assert store.status("r1") == "failed"
+
+
 def test_append_rows_adds_an_audit_to_a_finished_run(tmp_path: Path) -> None:
     store = Store(tmp_path)
     record_run(store, "r1", 2)
