@@ -34,8 +34,8 @@ SEQUENTIAL = "Viridis"
 INVISIBLE = {"opacity": 0}
 # A click anywhere in a cell picks that cell's marker: with no hover distance cut-off the nearest centre wins.
 SELECTABLE = {"clickmode": "event+select", "hoverdistance": -1}
-# The bias heatmap is clicked for its layer only: one click target per block of this many experts.
-BIAS_BLOCK = 16
+# Big layer x expert heatmaps click through one target per block of this many experts (see _block_targets).
+BIAS_BLOCK = LOAD_BLOCK = 16
 SVG_CELL_LIMIT = 2000
 # Heatmaps over steps keep at most this many step columns (a chart is about 1000 px wide; more only costs bytes).
 STEP_COLUMNS = 250
@@ -105,7 +105,8 @@ def _matrix(frame: pd.DataFrame, rows: str, columns: str, value: str) -> tuple[n
 def _cell_targets(x: np.ndarray, y: np.ndarray, hovertemplate: str,
                   customdata: np.ndarray | None = None) -> go.Scatter | go.Scattergl:
     """An invisible marker on every cell centre so that clicking a cell selects it; WebGL above
-    SVG_CELL_LIMIT cells, where one SVG element per cell makes drawing and hovering slow."""
+    SVG_CELL_LIMIT cells, where one SVG element per cell makes drawing and hovering slow (big layer x
+    expert grids click through _block_targets instead)."""
     xx, yy = np.meshgrid(x, y)
     trace = go.Scattergl if xx.size > SVG_CELL_LIMIT else go.Scatter
     return trace(x=xx.ravel(), y=yy.ravel(), mode="markers", name="cells", showlegend=False,
@@ -113,20 +114,30 @@ def _cell_targets(x: np.ndarray, y: np.ndarray, hovertemplate: str,
                  hovertemplate=hovertemplate, customdata=customdata)
 
 
-def _block_targets(z: np.ndarray, x: np.ndarray, y: np.ndarray, block: int, label: str) -> go.Scatter:
-    """One invisible marker per row and block of `block` columns, at the block's centre, whose hover lists
-    the block's values; with SELECTABLE's nearest-marker hover a click anywhere in a block selects it, so
-    the row is exact. A few SVG markers draw far faster than a WebGL layer of one marker per cell."""
+def _block_targets(z: np.ndarray, x: np.ndarray, y: np.ndarray, block: int, label: str, *, centre: float,
+                   value_format: str, skip_row: object = None) -> go.Scatter:
+    """One invisible marker per row and block of `block` columns (rows other than `skip_row`), at the
+    block's centre, whose hover lists the block's values and whose customdata ends with the column of the
+    block's value furthest from `centre`. With SELECTABLE's nearest-marker hover a click anywhere in a block
+    selects it, so the row is exact. A few SVG markers draw far faster than a WebGL marker per cell, which
+    costs a software-rendered browser a WebGL context (0.3 to 0.7 s) on every draw."""
     starts = np.arange(0, len(x), block)
     centres = np.array([x[a:a + block].mean() for a in starts])
-    xx, yy = np.meshgrid(centres, y)
-    hover = [[f"{label} {x[a]}-{x[min(a + block, len(x)) - 1]}<br>"
-              + "<br>".join(" ".join(f"{value:+.3g}" for value in line) for line in _lines(row[a:a + block], 8))
-              for a in starts] for row in z]
+    rows = [index for index, label_y in enumerate(y) if label_y != skip_row]
+    xx, yy = np.meshgrid(centres, y[rows])
+    custom = []
+    for row in z[rows]:
+        for a in starts:
+            values = row[a:a + block]
+            text = (f"{label} {x[a]}-{x[min(a + block, len(x)) - 1]}<br>"
+                    + "<br>".join(" ".join(format(value, value_format) for value in line)
+                                  for line in _lines(values, 8)))
+            furthest = np.nanargmax(np.abs(values - centre)) if np.isfinite(values).any() else 0
+            custom.append([text, x[a + furthest]])
     return go.Scatter(x=xx.ravel(), y=yy.ravel(), mode="markers", name="blocks", showlegend=False,
                       marker={"size": 8, **INVISIBLE}, selected={"marker": INVISIBLE},
-                      unselected={"marker": INVISIBLE}, customdata=np.array(hover, dtype=object).ravel(),
-                      hovertemplate="layer %{y}, %{customdata}<extra></extra>")
+                      unselected={"marker": INVISIBLE}, customdata=np.array(custom, dtype=object),
+                      hovertemplate="layer %{y}, %{customdata[0]}<extra></extra>")
 
 
 def _lines(values: np.ndarray, width: int) -> list[np.ndarray]:
@@ -176,24 +187,41 @@ def loss_curves(curves: Mapping[str, pd.DataFrame]) -> go.Figure:
 # --- Expert load -------------------------------------------------------------------------------------------
 
 
-def load_heatmap(load: pd.DataFrame, title: str) -> go.Figure:
-    """Relative load r = c / c̄ per layer (rows) and expert (columns), 1 = fair share; cells are clickable.
+def load_heatmap(load: pd.DataFrame, title: str, layer: int | None = None) -> go.Figure:
+    """Relative load r = c / c̄ per layer (rows) and expert (columns), 1 = fair share. A click selects a layer
+    and an expert (the selected point's customdata ends with the expert): on a small grid the expert clicked;
+    on a big one the most unbalanced (largest |r - 1|) of the LOAD_BLOCK experts around the click, whose
+    loads the hover lists, except in `layer`'s row (outlined), which takes clicks expert by expert.
     load: layer, expert, tokens, relative_load (one step, or steps already summed)."""
     if load.empty:
         return _empty(title)
     z, layers, experts = _matrix(load, "layer", "expert", "relative_load")
     tokens, _, _ = _matrix(load, "layer", "expert", "tokens")
-    selectable = 2 * z.size <= MAX_POINTS
-    if not selectable:
-        z, experts = pool_columns(z, experts, MAX_POINTS)
-    hover = "layer %{y}, expert %{x}<br>relative load %{z:.2f}<extra></extra>"
+    if z.size > MAX_POINTS // 2:
+        z, experts = pool_columns(z, experts, MAX_POINTS // 2)
+        tokens = None
     figure = go.Figure(go.Heatmap(z=z, x=experts, y=layers, **RATIO_COLOURS, colorbar={"title": {"text": "c / c̄"}},
-                                  hovertemplate=hover,
-                                  hoverinfo="skip" if selectable else None))
-    if selectable:
-        custom = np.stack([z.ravel(), tokens.ravel()], axis=1)
-        figure.add_trace(_cell_targets(experts, layers, "layer %{y}, expert %{x}<br>relative load "
-                                       "%{customdata[0]:.2f}, tokens %{customdata[1]:,.0f}<extra></extra>", custom))
+                                  hoverinfo="skip"))
+    if tokens is None:
+        figure.add_trace(_block_targets(z, experts, layers, LOAD_BLOCK, "mean relative load of experts",
+                                        centre=1.0, value_format=".2f"))
+    else:
+        exact = layers if z.size <= SVG_CELL_LIMIT else layers[layers == layer]
+        if len(exact) < len(layers):
+            figure.add_trace(_block_targets(z, experts, layers, LOAD_BLOCK, "relative load of experts",
+                                            centre=1.0, value_format=".2f", skip_row=layer))
+        if len(exact):
+            rows = np.isin(layers, exact)
+            # An object array goes to the browser as plain lists: Streamlit hands a typed array's row back as a
+            # dict, and the page reads the expert from the end of the selected point's customdata.
+            custom = np.stack([z[rows].ravel(), tokens[rows].ravel(), np.tile(experts, len(exact))], axis=1,
+                              dtype=object)
+            figure.add_trace(_cell_targets(experts, exact, "layer %{y}, expert %{x}<br>relative load "
+                                           "%{customdata[0]:.2f}, tokens %{customdata[1]:,.0f}<extra></extra>",
+                                           custom))
+        if 0 < len(exact) < len(layers):
+            figure.add_shape(type="rect", x0=experts[0] - 0.5, x1=experts[-1] + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                             line={"color": "black", "width": 1.5})
     figure.update_xaxes(title_text="expert")
     figure.update_yaxes(title_text="layer", autorange="reversed")
     return _layout(figure, title, height=max(320, min(900, 60 + 9 * len(layers))), **SELECTABLE)
@@ -271,7 +299,8 @@ def bias_heatmap(bias: pd.DataFrame, title: str) -> go.Figure:
     z, experts = pool_columns(z, experts, MAX_POINTS - len(layers))
     figure = go.Figure(go.Heatmap(z=z, x=experts, y=layers, colorscale=DIVERGING, zmid=0.0,
                                   colorbar={"title": {"text": "bias"}}, hoverinfo="skip"))
-    figure.add_trace(_block_targets(z, experts, layers, BIAS_BLOCK, "bias of experts"))
+    figure.add_trace(_block_targets(z, experts, layers, BIAS_BLOCK, "bias of experts", centre=0.0,
+                                    value_format="+.3g"))
     figure.update_xaxes(title_text="expert")
     figure.update_yaxes(title_text="layer", autorange="reversed")
     return _layout(figure, title, height=max(320, min(900, 60 + 9 * len(layers))), **SELECTABLE)

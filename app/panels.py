@@ -30,14 +30,17 @@ def chart(figure: go.Figure, frame: pd.DataFrame, *, key: str, caption: str, cal
         st.code("\n".join(calls), language="python")
 
 
-def selected_cell(key: str) -> tuple[int, int] | None:
-    """(x, y) of the point clicked in the chart with `key`, rounded to the cell; None if nothing is selected."""
+def selected_point(key: str) -> dict | None:
+    """The point clicked in the chart with `key` (x, y, customdata, ...); None if nothing is selected."""
     state = st.session_state.get(key)
     points = state.selection.points if state is not None else []
-    if not points:
-        return None
-    point = points[0]
-    return round(point["x"]), round(point["y"])
+    return points[0] if points else None
+
+
+def selected_cell(key: str) -> tuple[int, int] | None:
+    """(x, y) of the point clicked in the chart with `key`, rounded to the cell; None if nothing is selected."""
+    point = selected_point(key)
+    return None if point is None else (round(point["x"]), round(point["y"]))
 
 
 def step_picker(steps: Sequence[int], *, key: str, label: str = "Step", follow: bool = True) -> int:

@@ -13,10 +13,10 @@ LAYER_KEY, EXPERT_KEY, HEATMAP_KEY = f"load-layer:{run}", f"load-expert:{run}", 
 
 
 def pick_cell() -> None:
-    """Copy the clicked heatmap cell into the drill-down's layer and expert."""
-    cell = panels.selected_cell(HEATMAP_KEY)
-    if cell is not None:
-        st.session_state[EXPERT_KEY], st.session_state[LAYER_KEY] = cell
+    """Copy the clicked heatmap layer and expert (the target's customdata ends with it) into the drill-down."""
+    point = panels.selected_point(HEATMAP_KEY)
+    if point is not None:
+        st.session_state[LAYER_KEY], st.session_state[EXPERT_KEY] = round(point["y"]), int(point["customdata"][-1])
 
 
 def top_k(reader: data.RunData, shape: derived.RunShape, probe_steps: list[int]) -> int | None:
@@ -50,11 +50,13 @@ def expert_load() -> None:
             step = panels.step_picker(steps, key=f"load-step:{run}", follow=selection.status == "running")
             load = reader.get(queries.expert_load, step=step)
             title = f"Relative load at step {step}"
-    panels.chart(figures.load_heatmap(load.frame, title), load.frame, key=HEATMAP_KEY, on_select=pick_cell,
-                 calls=[load.call],
+    panels.chart(figures.load_heatmap(load.frame, title, layer=st.session_state.get(LAYER_KEY)), load.frame,
+                 key=HEATMAP_KEY, on_select=pick_cell, calls=[load.call],
                  caption="Each cell is one expert of one MoE layer: its tokens c over the fair share c̄ = K·T/E. "
                          "1 (white) is a fair share, red is overloaded, blue underused (colours saturate at 0 and 2; "
-                         "hover for the value). Click a cell to see that expert below.")
+                         "hover for the values). Click a cell to see that expert below. With many experts, a click "
+                         "opens the most unbalanced of the 16 around it (the hover lists their loads); the chosen "
+                         "layer's row (outlined) then takes clicks expert by expert.")
 
     summary = reader.get(queries.load_summary)
     floors = derived.noise_floors(summary.frame, topk) if topk else None

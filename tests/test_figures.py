@@ -95,20 +95,34 @@ def test_load_heatmap_has_clickable_cells() -> None:
     assert trace_types(figure) == ["heatmap", "scatter"]
     assert np.asarray(figure.data[0].z).shape == (7, 16)
     assert len(figure.data[1].x) == 7 * 16
+    assert [row[-1] for row in figure.data[1].customdata] == list(range(16)) * 7, "a click picks its own expert"
     assert figure.layout.xaxis.title.text == "expert" and figure.layout.yaxis.title.text == "layer"
     assert (figure.data[0].zmin, figure.data[0].zmax) == (0.0, 2.0)
 
 
-def test_load_heatmap_of_the_locked_shape_clicks_through_webgl() -> None:
-    figure = figures.load_heatmap(grid(range(2, 81), 256, "relative_load", tokens=64), "locked")
-    assert trace_types(figure) == ["heatmap", "scattergl"]
-    assert count_points(figure) == 2 * 79 * 256
+def test_load_heatmap_of_the_locked_shape_clicks_by_block_and_exactly_in_the_chosen_row() -> None:
+    rng = np.random.default_rng(4)
+    load = grid(range(2, 81), 256, "relative_load", rng.gamma(4.0, 0.25, 79 * 256), tokens=64)
+    figure = figures.load_heatmap(load, "locked", layer=40)
+    cells, blocks, row = figure.data
+    assert trace_types(figure) == ["heatmap", "scatter", "scatter"], "no WebGL: a context per draw costs 0.3-0.7 s"
+    assert len(blocks.x) == 78 * 256 // figures.LOAD_BLOCK and 40 not in set(blocks.y)
+    z = np.asarray(cells.z)
+    for index in rng.choice(len(blocks.x), 25, replace=False):
+        layer, first = blocks.y[index], int(blocks.x[index] - (figures.LOAD_BLOCK - 1) / 2)
+        values = z[layer - 2, first:first + figures.LOAD_BLOCK]
+        assert blocks.customdata[index][1] == first + np.argmax(np.abs(values - 1.0)), "the most unbalanced"
+    assert list(row.y) == [40] * 256 and [r[-1] for r in row.customdata] == list(range(256))
+    assert len(figure.layout.shapes) == 1 and figure.layout.shapes[0].y0 == 39.5
+    untouched = figures.load_heatmap(load, "locked")
+    assert trace_types(untouched) == ["heatmap", "scatter"] and len(untouched.data[1].x) == 79 * 16
+    assert count_points(figure) < 79 * 256 + 3000
 
 
 def test_load_heatmap_of_a_huge_grid_is_pooled_and_capped() -> None:
     load = grid(range(2, 102), 4096, "relative_load", tokens=1)
     figure = figures.load_heatmap(load, "huge")
-    assert trace_types(figure) == ["heatmap"]
+    assert trace_types(figure) == ["heatmap", "scatter"]
     assert count_points(figure) <= MAX_POINTS
 
 
@@ -201,7 +215,7 @@ def test_bias_heatmap_clicks_by_block_and_hovers_every_value() -> None:
         layer, centre = targets.y[index], targets.x[index]
         first = int(centre - (block - 1) / 2)
         assert first % block == 0
-        text = targets.customdata[index]
+        text = targets.customdata[index][0]
         assert text.startswith(f"bias of experts {first}-{first + block - 1}<br>")
         shown = [float(value) for value in text.split("<br>", 1)[1].replace("<br>", " ").split()]
         np.testing.assert_allclose(shown, z[layer - 1, first:first + block], atol=5e-4, rtol=1e-2)
