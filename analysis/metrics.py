@@ -243,10 +243,12 @@ class BiasDrift:
 
 def _sign_changes(moves: np.ndarray) -> np.ndarray:
     """Per column, how often a non-zero move has the opposite sign of the previous non-zero move."""
-    position = np.arange(moves.shape[0]).reshape(-1, *([1] * (moves.ndim - 1)))
-    last_move_at = np.maximum.accumulate(np.where(moves != 0, position, -1), axis=0)
-    previous = np.take_along_axis(moves, np.maximum(last_move_at[:-1], 0), axis=0) * (last_move_at[:-1] >= 0)
-    return (moves[1:] * previous < 0).sum(axis=0)
+    columns = moves.reshape(moves.shape[0], -1).T  # [columns, steps]: each column's moves in step order
+    column, _ = np.nonzero(columns)
+    signs = columns[columns != 0]  # non-zero moves, column by column, in step order
+    flips = (signs[1:] != signs[:-1]) & (column[1:] == column[:-1])
+    counts = np.bincount(column[1:][flips], minlength=columns.shape[0])
+    return counts.reshape(moves.shape[1:])
 
 
 def classify_bias_drift(bias_history: Values, rate: float, drift_threshold: float = 0.5) -> BiasDrift:
@@ -262,12 +264,13 @@ def classify_bias_drift(bias_history: Values, rate: float, drift_threshold: floa
 def bias_path_sums(bias_history: Values, rate: float) -> dict[str, np.ndarray]:
     """Per expert of a bias history [steps >= 2, ..., E] at rate u: net = e_last - e_first, path = sum |Δe|,
     moves = steps with |Δe| >= u/2 and sign_changes between consecutive moves."""
-    history = _as_array(bias_history).astype(np.float64)
+    history = np.asarray(_as_array(bias_history), dtype=np.float64)
     if history.ndim < 2 or history.shape[0] < 2 or rate <= 0:
         raise ValueError(f"need bias_history [steps >= 2, ..., E] and rate > 0, got {history.shape}, {rate}")
     steps = np.diff(history, axis=0)
-    moves = np.where(np.abs(steps) >= rate / 2, np.sign(steps), 0.0)
-    return {"net": history[-1] - history[0], "path": np.abs(steps).sum(axis=0), "moves": (moves != 0).sum(axis=0),
+    sizes = np.abs(steps)
+    moves = np.where(sizes >= rate / 2, np.sign(steps), 0.0)
+    return {"net": history[-1] - history[0], "path": sizes.sum(axis=0), "moves": np.count_nonzero(moves, axis=0),
             "sign_changes": _sign_changes(moves)}
 
 

@@ -165,30 +165,59 @@ def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
                  step_range: tuple[int, int] | None = None, max_steps: int | None = None) -> pd.DataFrame:
     """One layer's expert biases over steps (one expert's if given), ordered by expert, then step (the order
     of the per-layer copies, which makes the sort cheap). With `max_steps`, biases are averaged over at most
-    that many equal spans of steps, each labelled with its first step (a chart's worth of columns instead
-    of every step; a span holds the same number of recorded steps). Columns: step, layer, expert, bias."""
+    that many spans of the same number of recorded steps (the last may be shorter), each labelled with its
+    first step: a chart's worth of columns instead of every step. Columns: step, layer, expert, bias."""
     window = _all_steps(step_range)
+    if max_steps is None:
+        where, params = _range_clause(window)
+        expert_where, expert_params = _optional("expert", expert)
+        return store.sql(
+            "select step, layer, expert, bias from expert_bias"
+            f" where run_id = $run and layer = $layer{where}{expert_where} order by expert, step",
+            {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}, run=run, steps=window,
+            layer=_int("layer", layer))
+    if _int("max_steps", max_steps) < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    steps, experts, grid = _bias_grid(store, run, layer, expert, window)
+    if not len(steps):
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "layer": pd.Series(dtype="int16"),
+                             "expert": pd.Series(dtype="int16"), "bias": pd.Series(dtype="float32")})
+    starts = np.arange(0, len(steps), -(-len(steps) // max_steps))
+    seen = ~np.isnan(grid)
+    with np.errstate(invalid="ignore"):  # a span an expert never appears in averages to NaN and is dropped
+        means = np.add.reduceat(np.where(seen, grid, 0.0), starts) / np.add.reduceat(seen, starts)  # [spans, E]
+    frame = pd.DataFrame({"step": np.tile(steps[starts], len(experts)), "layer": np.int16(layer),
+                          "expert": np.repeat(experts, len(starts)).astype(np.int16),
+                          "bias": means.T.ravel().astype(np.float32)})
+    return frame[frame["bias"].notna()].reset_index(drop=True)
+
+
+def _bias_grid(store: Store, run: str, layer: int, expert: int | None = None,
+               window: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's biases as (recorded steps [S], experts [E], grid [S, E] float64, NaN where a row is missing).
+
+    Rows are read in file order and placed by index, which is cheaper than sorting them in SQL."""
     where, params = _range_clause(window)
     expert_where, expert_params = _optional("expert", expert)
-    rows = f"from expert_bias where run_id = $run and layer = $layer{where}{expert_where}"
-    params = {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params}
-    if max_steps is None:
-        query = f"select step, layer, expert, bias {rows} order by expert, step"
-    else:
-        if _int("max_steps", max_steps) < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-        params["columns"] = int(max_steps)
-        # Spans of the same number of recorded steps, each labelled with its first recorded step.
-        query = (f"with picked as (select step, layer, expert, bias {rows}),"
-                 " ranked as (select step, row_number() over (order by step) - 1 as position"
-                 "   from (select distinct step from picked)),"
-                 " width as (select greatest(1, ceil(count(*) / $columns))::bigint as steps from ranked),"
-                 " spans as (select step, position // steps as span from ranked, width),"
-                 " labels as (select span, min(step) as label from spans group by span)"
-                 " select label as step, layer, expert, avg(bias)::float as bias"
-                 " from picked join spans using (step) join labels using (span)"
-                 " group by label, layer, expert order by expert, step")
-    return store.sql(query, params, run=run, steps=window, layer=_int("layer", layer))
+    rows = store.sql(f"select step, expert, bias from expert_bias where run_id = $run and layer = $layer{where}"
+                     f"{expert_where}", {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params},
+                     run=run, steps=window, layer=_int("layer", layer))
+    if rows.empty:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0))
+    step, column = rows["step"].to_numpy(np.int64), rows["expert"].to_numpy(np.int64)
+    span = int(step.max() - step.min() + 1)
+    # Dense runs index by step offset; sparse ones (recorded every k steps) by the recorded steps' rank,
+    # so that the grid never holds more than four rows per recorded step.
+    dense = span <= 4 * len(step) / (column.max() + 1)
+    row = step - step.min() if dense else np.unique(step, return_inverse=True)[1]
+    grid = np.full((row.max() + 1, column.max() + 1), np.nan)  # [steps, experts]
+    grid[row, column] = rows["bias"].to_numpy()
+    recorded = ~np.isnan(grid).all(axis=1)
+    experts = np.flatnonzero(~np.isnan(grid).all(axis=0))
+    steps = (np.arange(len(grid)) + step.min())[recorded] if dense else np.unique(step)
+    if not recorded.all():
+        grid = grid[recorded]
+    return steps, experts, grid if len(experts) == grid.shape[1] else grid[:, experts]
 
 
 def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) -> pd.DataFrame:
@@ -198,21 +227,10 @@ def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) ->
     moved). Columns: expert, steps, first_bias, last_bias, path, moves, sign_changes, rate."""
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be a positive number, got {rate!r}")
-    rows = store.sql("select step, expert, bias from expert_bias where run_id = $run and layer = $layer",
-                     {"run": _run(run), "layer": _int("layer", layer)}, run=run, layer=_int("layer", layer))
     columns = ["expert", "steps", "first_bias", "last_bias", "path", "moves", "sign_changes", "rate"]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    # Rows come in file order, not sorted: placing them by (step, expert) index is cheaper than an ORDER BY.
-    step, expert = rows["step"].to_numpy(), rows["expert"].to_numpy()
-    span = int(step.max() - step.min() + 1)
-    # Dense runs index by step offset; sparse ones (recorded every k steps) by the recorded steps' rank.
-    row = step - step.min() if span <= 4 * len(step) / (expert.max() + 1) else np.unique(step, return_inverse=True)[1]
-    grid = np.full((row.max() + 1, expert.max() + 1), np.nan)  # [steps, experts]
-    grid[row, expert] = rows["bias"].to_numpy()
-    experts = np.flatnonzero(~np.isnan(grid).all(axis=0))
-    grid = grid[:, experts]
-    grid = grid[~np.isnan(grid).any(axis=1)]  # only steps recorded for every expert of the layer
+    _, experts, grid = _bias_grid(store, run, layer)
+    complete = ~np.isnan(grid).any(axis=1)  # only steps recorded for every expert of the layer
+    grid = grid if complete.all() else grid[complete]
     if len(grid) == 0:
         return pd.DataFrame(columns=columns)
     u = rate if rate is not None else metrics.estimated_bias_rate(grid)
