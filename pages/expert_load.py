@@ -110,7 +110,7 @@ def expert_load() -> None:
         st.markdown(f"**Top probe tokens at step {probe_step}**")
         st.dataframe(top.frame, hide_index=True, key="load-top-tokens")
         with st.expander("Query behind this table"):
-            st.code(top.call, language="python")
+            st.text(top.call)
     with domains:
         spread = reader.get(queries.expert_domains, layer=layer, expert=expert, step=probe_step)
         panels.chart(figures.domain_lift_bars(spread.frame, f"Domains at step {probe_step}"), spread.frame,

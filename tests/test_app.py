@@ -130,6 +130,9 @@ def test_drill_down_follows_the_chosen_expert(store_root: Path, monkeypatch: pyt
     assert "noise floor (uniform routing)" in {trace["name"] for trace in charts(test)[1]["data"]}
     tables = [table.value for table in test.dataframe]
     assert any(set(table.columns) == {"token_id", "token_text", "count", "share", "mean_gate"} for table in tables)
+    queries_shown = "\n".join(text.value for text in test.text)
+    assert "queries.expert_history(store, 'tiny', layer=5, expert=3)" in queries_shown
+    assert "queries.expert_top_tokens(store, 'tiny', layer=5, expert=3" in queries_shown
 
 
 def test_summed_load_matches_the_per_step_rows(store_root: Path) -> None:
