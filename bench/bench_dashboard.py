@@ -180,9 +180,9 @@ def floor_loads(repeats: int, folder: Path) -> list[float]:
     script = folder / "floor_app.py"
     script.write_text(FLOOR_APP)
     port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
-               "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-               "--client.toolbarMode", "viewer"]
+    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--server.address",
+               "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
     spec = PageSpec("Floor", "", 1, False)
     with serving(command, port) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
