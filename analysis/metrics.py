@@ -243,7 +243,7 @@ class BiasDrift:
 
 def _sign_changes(moves: np.ndarray) -> np.ndarray:
     """Per column, how often a non-zero move has the opposite sign of the previous non-zero move."""
-    columns = moves.reshape(moves.shape[0], -1).T  # [columns, steps]: each column's moves in step order
+    columns = np.ascontiguousarray(moves.reshape(moves.shape[0], -1).T)  # [columns, steps], each in step order
     column, _ = np.nonzero(columns)
     signs = columns[columns != 0]  # non-zero moves, column by column, in step order
     flips = (signs[1:] != signs[:-1]) & (column[1:] == column[:-1])
@@ -269,7 +269,10 @@ def bias_path_sums(bias_history: Values, rate: float) -> dict[str, np.ndarray]:
         raise ValueError(f"need bias_history [steps >= 2, ..., E] and rate > 0, got {history.shape}, {rate}")
     steps = np.diff(history, axis=0)
     sizes = np.abs(steps)
-    moves = np.where(sizes >= rate / 2, np.sign(steps), 0.0)
+    big = sizes >= rate / 2  # False where a bias is NaN: no move
+    moves = np.zeros(steps.shape, dtype=np.int8)  # -1, 0, +1: a byte each keeps the counting passes cheap
+    moves[big & (steps > 0)] = 1
+    moves[big & (steps < 0)] = -1
     return {"net": history[-1] - history[0], "path": sizes.sum(axis=0), "moves": np.count_nonzero(moves, axis=0),
             "sign_changes": _sign_changes(moves)}
 
