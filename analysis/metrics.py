@@ -494,3 +494,19 @@ def beyond_window_mass(p: Values, window: int) -> NDArray[np.float64]:
     """Mass a global head puts beyond the local window: sum of p_ij over i - j >= window. -> [..., Tq]."""
     probabilities = _as_array(p).astype(np.float64)
     return (probabilities * (_distance(probabilities) >= window)).sum(axis=-1)
+
+
+# --- Downsampling for charts ------------------------------------------------------------------------------
+
+
+def span_means(values: np.ndarray, span: int) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Means of `values` [n, ...] over consecutive spans of `span` rows along axis 0 (the last may be
+    shorter), ignoring NaN (a span of only NaN gives NaN); returns (means [ceil(n / span), ...], first row
+    of each span)."""
+    if span < 1:
+        raise ValueError(f"span must be at least 1, got {span}")
+    starts = np.arange(0, len(values), span)
+    seen = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.add.reduceat(np.where(seen, values, 0.0), starts) / np.add.reduceat(seen, starts)
+    return means, starts

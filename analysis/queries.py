@@ -182,10 +182,7 @@ def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
     if not len(steps):
         return pd.DataFrame({"step": pd.Series(dtype="int64"), "layer": pd.Series(dtype="int16"),
                              "expert": pd.Series(dtype="int16"), "bias": pd.Series(dtype="float32")})
-    starts = np.arange(0, len(steps), -(-len(steps) // max_steps))
-    seen = ~np.isnan(grid)
-    with np.errstate(invalid="ignore"):  # a span an expert never appears in averages to NaN and is dropped
-        means = np.add.reduceat(np.where(seen, grid, 0.0), starts) / np.add.reduceat(seen, starts)  # [spans, E]
+    means, starts = metrics.span_means(grid, -(-len(steps) // max_steps))  # [spans, E]; NaN where never seen
     frame = pd.DataFrame({"step": np.tile(steps[starts], len(experts)), "layer": np.int16(layer),
                           "expert": np.repeat(experts, len(starts)).astype(np.int16),
                           "bias": means.T.ravel().astype(np.float32)})
@@ -234,13 +231,11 @@ def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) ->
     if len(grid) == 0:
         return pd.DataFrame(columns=columns)
     u = rate if rate is not None else metrics.estimated_bias_rate(grid)
-    if len(grid) < 2 or u is None:
-        return pd.DataFrame({"expert": experts, "steps": len(grid), "first_bias": grid[0], "last_bias": grid[-1],
-                             "path": 0.0, "moves": 0, "sign_changes": 0, "rate": u or np.nan})[columns]
-    sums = metrics.bias_path_sums(grid, u)
+    moved = len(grid) >= 2 and u is not None
+    sums = metrics.bias_path_sums(grid, u) if moved else {"path": 0.0, "moves": 0, "sign_changes": 0}
     return pd.DataFrame({"expert": experts, "steps": len(grid), "first_bias": grid[0], "last_bias": grid[-1],
                          "path": sums["path"], "moves": sums["moves"], "sign_changes": sums["sign_changes"],
-                         "rate": u})[columns]
+                         "rate": np.nan if u is None else u})[columns]
 
 
 def layer_stats(store: Store, run: str, layer: int | None = None,

@@ -66,10 +66,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 recorder = open_recorder(trainer, store)
             except Exception as exc:  # re-raised below, once every rank knows rank 0 cannot record
                 error = exc
-        if dist.world_size > 1 and all_reduce_mean(float(error is not None), dist.device) > 0 and error is None:
-            raise StoreError("rank 0 could not start recording (its message says why); every rank stops")
+        failed = error is not None
+        if dist.world_size > 1:  # every rank learns whether rank 0 failed, so none waits in an all-reduce
+            failed = all_reduce_mean(float(failed), dist.device) > 0
         if error is not None:
             raise error
+        if failed:
+            raise StoreError("rank 0 could not start recording (its message says why); every rank stops")
         recorder_box["r"] = recorder or Recorder(trainer.model, None, [])
         return recorder_box["r"]
 

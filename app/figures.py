@@ -9,16 +9,16 @@ reaches plotly, because plotly renders a subset of HTML in labels and hover text
 from __future__ import annotations
 
 import html
-import itertools
 import math
 import unicodedata
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from analysis import metrics
 
 MAX_POINTS = 200_000
 LABEL_LIMIT = 48
@@ -88,12 +88,8 @@ def pool_columns(matrix: np.ndarray, columns: np.ndarray, max_cells: int) -> tup
     blocks = max(1, max_cells // max(rows, 1))
     # Equal widths keep the labels evenly spaced: plotly then draws the heatmap as one scaled image
     # (one pixel per cell) instead of cell by cell, several times faster in the browser.
-    starts = np.arange(0, width, math.ceil(width / blocks))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=RuntimeWarning)  # an all-NaN block averages to NaN, as wanted
-        pooled = np.stack([np.nanmean(matrix[:, a:b], axis=1)
-                           for a, b in itertools.pairwise([*starts, width])], axis=1)
-    return pooled, columns[starts]
+    pooled, starts = metrics.span_means(matrix.T, math.ceil(width / blocks))
+    return pooled.T.astype(matrix.dtype), columns[starts]
 
 
 def _matrix(frame: pd.DataFrame, rows: str, columns: str, value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -296,7 +292,7 @@ def bias_heatmap(bias: pd.DataFrame, title: str) -> go.Figure:
     if bias.empty:
         return _empty(title)
     z, layers, experts = _matrix(bias, "layer", "expert", "bias")
-    z, experts = pool_columns(z, experts, MAX_POINTS - len(layers))
+    z, experts = pool_columns(z, experts, MAX_POINTS // 2)
     figure = go.Figure(go.Heatmap(z=z, x=experts, y=layers, colorscale=DIVERGING, zmid=0.0,
                                   colorbar={"title": {"text": "bias"}}, hoverinfo="skip"))
     figure.add_trace(_block_targets(z, experts, layers, BIAS_BLOCK, "bias of experts", centre=0.0,

@@ -432,3 +432,18 @@ def test_default_window_edge_is_the_oldest_eighth() -> None:
     p[199, 199 - 128] = 0.125  # outside the window
     assert M.window_edge_mass(p, 128)[199] == pytest.approx(0.25)
     assert M.beyond_window_mass(p, 128)[199] == pytest.approx(0.125)
+
+
+def test_span_means_ignore_nan_and_keep_a_short_last_span(rng: np.random.Generator) -> None:
+    values = rng.normal(size=(11, 3))
+    values[2, 1] = np.nan
+    values[8:, 2] = np.nan
+    means, starts = M.span_means(values, 4)
+    assert starts.tolist() == [0, 4, 8]
+    for span, first in enumerate(starts):
+        for column in range(3):
+            block = values[first:first + 4, column]
+            expected = np.nan if np.isnan(block).all() else np.mean(block[~np.isnan(block)])
+            np.testing.assert_allclose(means[span, column], expected, rtol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match="span"):
+        M.span_means(values, 0)
