@@ -405,6 +405,7 @@ def run_manifest(cfg: VpMoEConfig, model: VpMoE, data: dict[str, Any], code_revi
             "data": data, "code_revision": code_revision,
             "shape": {"layers": cfg.model.num_layers, "moe_layers": [b.layer for b in model.blocks if b.is_moe],
                       "experts": cfg.moe.num_experts, "topk": cfg.moe.topk, "heads": cfg.model.num_attention_heads,
+                      "bias_update_rate": cfg.moe.router_bias_update_rate,
                       "layer_kinds": list(cfg.layer_kinds), "window_size": cfg.attention.window_size,
                       "alibi_slopes": alibi_slopes(cfg.model.num_attention_heads).tolist()},
             **extra}

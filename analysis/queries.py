@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import metrics
+from analysis import drift, metrics
 from analysis.schema import LOAD_SUMMARY_SQL, TABLES
 from analysis.store import Store
 
@@ -189,53 +189,41 @@ def bias_history(store: Store, run: str, layer: int, expert: int | None = None,
     return frame[frame["bias"].notna()].reset_index(drop=True)
 
 
-def _bias_grid(store: Store, run: str, layer: int, expert: int | None = None,
-               window: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One layer's biases as (recorded steps [S], experts [E], grid [S, E] float64, NaN where a row is missing).
-
-    Rows are read in file order and placed by index, which is cheaper than sorting them in SQL."""
+def _bias_rows(store: Store, run: str, layer: int, expert: int | None = None,
+               window: tuple[int, int] | None = None) -> pd.DataFrame:
+    """One layer's (step, expert, bias) rows in file order, from its per-layer copies where they exist."""
     where, params = _range_clause(window)
     expert_where, expert_params = _optional("expert", expert)
-    rows = store.sql(f"select step, expert, bias from expert_bias where run_id = $run and layer = $layer{where}"
+    return store.sql(f"select step, expert, bias from expert_bias where run_id = $run and layer = $layer{where}"
                      f"{expert_where}", {"run": _run(run), "layer": _int("layer", layer), **params, **expert_params},
                      run=run, steps=window, layer=_int("layer", layer))
-    if rows.empty:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0))
-    step, column = rows["step"].to_numpy(np.int64), rows["expert"].to_numpy(np.int64)
-    span = int(step.max() - step.min() + 1)
-    # Dense runs index by step offset; sparse ones (recorded every k steps) by the recorded steps' rank,
-    # so that the grid never holds more than four rows per recorded step.
-    dense = span <= 4 * len(step) / (column.max() + 1)
-    row = step - step.min() if dense else np.unique(step, return_inverse=True)[1]
-    grid = np.full((row.max() + 1, column.max() + 1), np.nan)  # [steps, experts]
-    grid[row, column] = rows["bias"].to_numpy()
-    recorded = ~np.isnan(grid).all(axis=1)
-    experts = np.flatnonzero(~np.isnan(grid).all(axis=0))
-    steps = (np.arange(len(grid)) + step.min())[recorded] if dense else np.unique(step)
-    if not recorded.all():
-        grid = grid[recorded]
-    return steps, experts, grid if len(experts) == grid.shape[1] else grid[:, experts]
+
+
+def _bias_grid(store: Store, run: str, layer: int, expert: int | None = None,
+               window: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's biases as drift.bias_grid: (recorded steps [S], experts [E], grid [S, E], NaN where missing)."""
+    rows = _bias_rows(store, run, layer, expert, window)
+    return drift.bias_grid(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy())
 
 
 def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) -> pd.DataFrame:
     """Per expert of one layer, metrics.bias_path_sums over every step recorded for all its experts: steps,
     first_bias, last_bias, path (sum of |Δe|), moves (steps with |Δe| >= u/2), sign_changes between moves;
     u is `rate`, or metrics.estimated_bias_rate of the layer when None (returned as `rate`, NaN if nothing
-    moved). Columns: expert, steps, first_bias, last_bias, path, moves, sign_changes, rate."""
+    moved). Read from the bias_drift roll-up when the run has one for its last step at this rate, else
+    computed from the layer's rows. Columns: expert, steps, first_bias, last_bias, path, moves, sign_changes, rate."""
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be a positive number, got {rate!r}")
-    columns = ["expert", "steps", "first_bias", "last_bias", "path", "moves", "sign_changes", "rate"]
-    _, experts, grid = _bias_grid(store, run, layer)
-    complete = ~np.isnan(grid).any(axis=1)  # only steps recorded for every expert of the layer
-    grid = grid if complete.all() else grid[complete]
-    if len(grid) == 0:
-        return pd.DataFrame(columns=columns)
-    u = rate if rate is not None else metrics.estimated_bias_rate(grid)
-    moved = len(grid) >= 2 and u is not None
-    sums = metrics.bias_path_sums(grid, u) if moved else {"path": 0.0, "moves": 0, "sign_changes": 0}
-    return pd.DataFrame({"expert": experts, "steps": len(grid), "first_bias": grid[0], "last_bias": grid[-1],
-                         "path": sums["path"], "moves": sums["moves"], "sign_changes": sums["sign_changes"],
-                         "rate": np.nan if u is None else u})[columns]
+    rolled = store.sql(
+        f"select step, rate_given, {', '.join(drift.DRIFT_COLUMNS)} from bias_drift"
+        " where run_id = $run and layer = $layer order by expert",
+        {"run": _run(run), "layer": _int("layer", layer)}, run=run)
+    if (not rolled.empty and rolled["step"].iloc[0] == store.last_step(run, "expert_bias")
+            and rolled["rate_given"].iloc[0] == (rate is not None)
+            and (rate is None or rolled["rate"].iloc[0] == rate)):
+        return rolled[drift.DRIFT_COLUMNS]
+    rows = _bias_rows(store, run, layer)
+    return drift.drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
 
 
 def layer_stats(store: Store, run: str, layer: int | None = None,

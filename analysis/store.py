@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from analysis.drift import drift_sums
 from analysis.schema import (
     LOAD_ROLLUP_SQL,
     LOAD_SUMMARY_SQL,
@@ -312,6 +313,7 @@ class Store:
             self._rebuild_rollups(run_dir)
             for table in SERIES_TABLES:
                 self._refresh_series(run_dir, table)
+            self._rebuild_bias_drift(run_dir)
 
     def runs(self) -> pd.DataFrame:
         """One row per run: run_id, status, created_at, finished_at, steps, last_step, tokens,
@@ -710,6 +712,36 @@ class Store:
             self._merge_into_segment(run_dir, table, inputs,
                                      lambda files, sql=sql: sql.format(source=_parquet_list(files)),
                                      replaces=visible, row_group_rows=ROLLUP_ROW_GROUP_ROWS)
+
+    def _rebuild_bias_drift(self, run_dir: Path) -> None:
+        """Write the bias_drift roll-up of every layer up to the last expert_bias step (after the per-layer
+        copies, which it reads), at the manifest's shape.bias_update_rate or else the estimated rate."""
+        last = max((segment.last for segment in self._scan(run_dir, "expert_bias")[0]), default=None)
+        visible, replaced = self._scan(run_dir, "bias_drift")
+        self._remove_segments(replaced)
+        if [segment.last for segment in visible] == [last] or (last is None and not visible):
+            return
+        shape = self._manifest(run_dir).get("shape")
+        rate = shape.get("bias_update_rate") if isinstance(shape, Mapping) else None
+        rate = float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 else None
+        run_id, parts = run_dir.name, []
+        for layer in self._series_layers(run_dir, "expert_bias") if last is not None else []:
+            rows = self.sql("select step, expert, bias from expert_bias where run_id = $run and layer = $layer",
+                            {"run": run_id, "layer": layer}, run=run_id, layer=layer)
+            sums = drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
+            if not sums.empty:
+                parts.append(sums.assign(run_id=run_id, step=last, layer=layer, rate_given=rate is not None))
+        if parts:
+            rollup = pa.Table.from_pandas(pd.concat(parts), schema=TABLES["bias_drift"].schema, preserve_index=False)
+            self._write_segment(run_dir, "bias_drift", [rollup], (last, last), "compact-" + os.urandom(4).hex(),
+                                covers=[segment.name for segment in visible], row_group_rows=ROLLUP_ROW_GROUP_ROWS)
+        self._remove_segments(visible)
+
+    def _series_layers(self, run_dir: Path, table: str) -> list[int]:
+        """The layers that have per-layer copies of `table`, in order."""
+        base = run_dir / "segments" / f"{table}{SERIES_SUFFIX}"
+        names = [re.fullmatch(r"layer-(\d+)", layer_dir.name) for layer_dir in base.iterdir()] if base.is_dir() else []
+        return sorted(int(match[1]) for match in names if match)
 
     def _refresh_series(self, run_dir: Path, table: str) -> None:
         """Write the per-layer copies of `table`'s compacted files that lack them, and delete copies of

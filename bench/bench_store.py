@@ -237,7 +237,8 @@ def bench_size(root: Path, rows: int, repeats: int, budget_s: float) -> None:
     """Ingest a locked-shape run of `rows` router_load rows, then time the queries live and compacted."""
     store = Store(root / f"rows-{rows:.0e}")
     steps = math.ceil(rows / (LOCKED.moe_layers * LOCKED.experts))
-    writer = store.create_run("bench", {"config": {"shape": LOCKED.name}})
+    manifest = {"config": {"shape": LOCKED.name}, "shape": {"bias_update_rate": BIAS_UPDATE_RATE}}
+    writer = store.create_run("bench", manifest)
     appended, ingest_s = record_steps(writer, SyntheticSteps(LOCKED, np.random.default_rng(0)), steps)
     started = time.perf_counter()
     writer.flush()

@@ -204,7 +204,8 @@ def build_run(store: Store, run_id: str, steps: int, *, shape: Shape = TINY, see
               prompts: Sequence[Prompt] = PROMPTS, close: bool = True, **manifest: Any) -> RunWriter:
     """A synthetic run of `steps` steps; closed as complete unless `close` is False (then still running).
     Extra keyword arguments go into the manifest (name, description, ...)."""
-    writer = store.create_run(run_id, {"config": config(shape), **manifest}, flush_every_steps=10)
+    recorded = {"config": config(shape), "shape": {"bias_update_rate": shape.bias_rate}, **manifest}
+    writer = store.create_run(run_id, recorded, flush_every_steps=10)
     record(writer, SyntheticRun(shape, seed, prompts), range(steps), probe_every)
     if close:
         writer.close()
