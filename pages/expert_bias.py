@@ -46,7 +46,8 @@ def expert_bias() -> None:
                  on_select=pick_layer, calls=[bias.call],
                  caption="The bias added to each expert's routing score (for choosing experts only). Red: raised "
                          "because the expert was underloaded; blue: lowered because it was overloaded. With a sign "
-                         "update of rate u, |bias| <= u x steps. Click a cell to study its layer below.")
+                         "update of rate u, |bias| <= u x steps. Hover a row for its range; click it to study the "
+                         "layer below.")
 
     layers = sorted(int(layer) for layer in bias.frame["layer"].unique())
     layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0])

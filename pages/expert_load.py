@@ -54,9 +54,9 @@ def expert_load() -> None:
                  key=HEATMAP_KEY, on_select=pick_cell, calls=[load.call],
                  caption="Each cell is one expert of one MoE layer: its tokens c over the fair share c̄ = K·T/E. "
                          "1 (white) is a fair share, red is overloaded, blue underused (colours saturate at 0 and 2; "
-                         "hover for the values). Click a cell to see that expert below. With many experts, a click "
-                         "opens the most unbalanced of the 16 around it (the hover lists their loads); the chosen "
-                         "layer's row (outlined) then takes clicks expert by expert.")
+                         "hover for the values). Click a cell to see that expert below. With many experts, a row's "
+                         "hover gives its range and a click opens its most unbalanced expert; the chosen layer's "
+                         "row (outlined) then takes clicks and hovers expert by expert.")
 
     summary = reader.get(queries.load_summary)
     floors = derived.noise_floors(summary.frame, topk) if topk else None

@@ -100,29 +100,42 @@ def test_load_heatmap_has_clickable_cells() -> None:
     assert (figure.data[0].zmin, figure.data[0].zmax) == (0.0, 2.0)
 
 
-def test_load_heatmap_of_the_locked_shape_clicks_by_block_and_exactly_in_the_chosen_row() -> None:
+def check_row_targets(rows: go.Bar, z: np.ndarray, layers: list[int], centre: float) -> None:
+    """Each row target spans its row of `z` and points at the row's value furthest from `centre`."""
+    assert rows.type == "bar" and rows.orientation == "h" and list(rows.y) == layers
+    for layer, custom in zip(rows.y, rows.customdata, strict=True):
+        values = z[layer - 2]
+        if np.isnan(values).all():
+            assert list(custom) == ["no values", 0]
+            continue
+        assert custom[-1] == np.nanargmax(np.abs(values - centre)), "the expert furthest from the centre"
+        assert f"expert {custom[-1]} at" in custom[0]
+    assert rows.base == -0.5 and set(rows.x) == {z.shape[1]}
+
+
+def test_load_heatmap_of_the_locked_shape_clicks_by_row_and_exactly_in_the_chosen_row() -> None:
     rng = np.random.default_rng(4)
     load = grid(range(2, 81), 256, "relative_load", rng.gamma(4.0, 0.25, 79 * 256), tokens=64)
     figure = figures.load_heatmap(load, "locked", layer=40)
-    cells, blocks, row = figure.data
-    assert trace_types(figure) == ["heatmap", "scatter", "scatter"], "no WebGL: a context per draw costs 0.3-0.7 s"
-    assert len(blocks.x) == 78 * 256 // figures.LOAD_BLOCK and 40 not in set(blocks.y)
-    z = np.asarray(cells.z)
-    for index in rng.choice(len(blocks.x), 25, replace=False):
-        layer, first = blocks.y[index], int(blocks.x[index] - (figures.LOAD_BLOCK - 1) / 2)
-        values = z[layer - 2, first:first + figures.LOAD_BLOCK]
-        assert blocks.customdata[index][1] == first + np.argmax(np.abs(values - 1.0)), "the most unbalanced"
+    cells, rows, row = figure.data
+    assert trace_types(figure) == ["heatmap", "bar", "scatter"], "no WebGL: a context per draw costs 0.3-0.7 s"
+    check_row_targets(rows, np.asarray(cells.z), [layer for layer in range(2, 81) if layer != 40], 1.0)
     assert list(row.y) == [40] * 256 and [r[-1] for r in row.customdata] == list(range(256))
     assert len(figure.layout.shapes) == 1 and figure.layout.shapes[0].y0 == 39.5
+    assert figure.layout.hoverdistance is None, "bars need a hover distance, else the last bar always wins"
     untouched = figures.load_heatmap(load, "locked")
-    assert trace_types(untouched) == ["heatmap", "scatter"] and len(untouched.data[1].x) == 79 * 16
-    assert count_points(figure) < 79 * 256 + 3000
+    assert trace_types(untouched) == ["heatmap", "bar"] and len(untouched.data[1].y) == 79
+    assert count_points(figure) < 79 * 256 + 500
 
 
 def test_load_heatmap_of_a_huge_grid_is_pooled_and_capped() -> None:
     load = grid(range(2, 102), 4096, "relative_load", tokens=1)
     figure = figures.load_heatmap(load, "huge")
-    assert trace_types(figure) == ["heatmap", "scatter"]
+    assert trace_types(figure) == ["heatmap", "bar"]
+    pooled = np.asarray(figure.data[0].x)
+    rows = figure.data[1]
+    spacing = pooled[1] - pooled[0]
+    assert rows.base == pooled[0] - spacing / 2 and set(rows.x) == {pooled[-1] - pooled[0] + spacing}
     assert count_points(figure) <= MAX_POINTS
 
 
@@ -189,7 +202,7 @@ def test_domain_bars_escape_domain_labels() -> None:
 def test_bias_figures() -> None:
     bias = grid(range(2, 9), 16, "bias", np.linspace(-0.1, 0.1, 7 * 16))
     heatmap = figures.bias_heatmap(bias, "bias")
-    assert trace_types(heatmap) == ["heatmap", "scatter"] and heatmap.data[0].zmid == 0.0
+    assert trace_types(heatmap) == ["heatmap", "bar"] and heatmap.data[0].zmid == 0.0
     history = pd.DataFrame({"step": np.repeat(np.arange(30_000), 16), "expert": np.tile(np.arange(16), 30_000),
                             "bias": 0.0})
     over_steps = figures.bias_over_steps(history, 4)
@@ -201,25 +214,19 @@ def test_bias_figures() -> None:
     assert sorted(trace.name for trace in scatter.data) == ["dither", "drift"]
 
 
-def test_bias_heatmap_clicks_by_block_and_hovers_every_value() -> None:
+def test_bias_heatmap_clicks_by_row() -> None:
     rng = np.random.default_rng(3)
-    layers, experts = range(1, 80), 256
-    bias = grid(layers, experts, "bias", rng.normal(0, 0.05, 79 * experts))
+    bias = grid(range(2, 81), 256, "bias", rng.normal(0, 0.05, 79 * 256))
+    bias.loc[bias.layer == 7, "bias"] = np.nan  # a layer with no bias yet
     figure = figures.bias_heatmap(bias, "bias")
-    cells, targets = figure.data
-    assert targets.type == "scatter", "SVG targets: a WebGL layer costs the browser a context on every draw"
-    block = figures.BIAS_BLOCK
-    assert len(targets.x) == 79 * experts // block
+    cells, rows = figure.data
+    assert rows.type == "bar", "SVG bars: a WebGL layer costs the browser a context on every draw"
     z = np.asarray(cells.z)
-    for index in rng.choice(len(targets.x), 20, replace=False):
-        layer, centre = targets.y[index], targets.x[index]
-        first = int(centre - (block - 1) / 2)
-        assert first % block == 0
-        text = targets.customdata[index][0]
-        assert text.startswith(f"bias of experts {first}-{first + block - 1}<br>")
-        shown = [float(value) for value in text.split("<br>", 1)[1].replace("<br>", " ").split()]
-        np.testing.assert_allclose(shown, z[layer - 1, first:first + block], atol=5e-4, rtol=1e-2)
-    assert figure.layout.hoverdistance == -1 and figure.layout.clickmode == "event+select"
+    check_row_targets(rows, z, list(range(2, 81)), 0.0)
+    assert rows.customdata[list(rows.y).index(7)][0] == "no values"
+    low, high = np.nanmin(z[0]), np.nanmax(z[0])
+    assert rows.customdata[0][0].startswith(f"bias from {low:+.3g} to {high:+.3g}; furthest from 0: expert ")
+    assert figure.layout.hoverdistance is None and figure.layout.clickmode == "event+select"
 
 
 def test_layer_step_heatmap_drops_dense_layer_nulls_and_caps() -> None:
