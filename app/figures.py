@@ -38,6 +38,8 @@ SELECTABLE = {"clickmode": "event+select", "hoverdistance": -1}
 ROW_SELECTABLE = {"clickmode": "event+select"}
 # Bigger grids click by row (_row_targets), not by cell.
 SVG_CELL_LIMIT = 2000
+# The widest margin text tick labels get (longer labels are cut by plotly's clipping, hover has them whole).
+MAX_LABEL_MARGIN = 260
 # Heatmaps over steps keep at most this many step columns (a chart is about 1000 px wide; more only costs bytes).
 STEP_COLUMNS = 250
 
@@ -138,10 +140,21 @@ def _empty(title: str) -> go.Figure:
     return go.Figure(layout={"title": {"text": title}})
 
 
-def _layout(figure: go.Figure, title: str, height: int = 420, **layout: object) -> go.Figure:
-    """Shared layout: title, compact margins, closest-point hover."""
-    figure.update_layout(title={"text": title}, height=height, margin={"l": 60, "r": 20, "t": 50, "b": 50},
-                         **{"hovermode": "closest", **layout})
+def _label_margin(labels: Sequence[str], least: int) -> int:
+    """Pixels of margin that tick labels of these lengths (12 px font, about 7 px a character) and an axis title
+    need, at least `least`."""
+    longest = max((len(label) for label in labels), default=0)
+    return min(MAX_LABEL_MARGIN, max(least, 30 + 7 * longest))
+
+
+def _layout(figure: go.Figure, title: str, height: int = 420, *, left_labels: Sequence[str] = (),
+            bottom_labels: Sequence[str] = (), **layout: object) -> go.Figure:
+    """Shared layout: title, closest-point hover, and margins fixed from the tick labels given (text ones; numbers
+    fit the defaults): plotly's automargin lays a chart out a second time, which doubled its drawing time."""
+    figure.update_xaxes(automargin=False)
+    figure.update_yaxes(automargin=False)
+    margin = {"l": _label_margin(left_labels, 80), "r": 20, "t": 50, "b": _label_margin(bottom_labels, 50)}
+    figure.update_layout(title={"text": title}, height=height, margin=margin, **{"hovermode": "closest", **layout})
     return figure
 
 
@@ -271,9 +284,10 @@ def domain_lift_bars(domains: pd.DataFrame, title: str) -> go.Figure:
                               hovertemplate="%{x}: lift %{y:.2f} (%{customdata[0]} of %{customdata[1]} tokens)"
                                             "<extra></extra>", name="lift"))
     figure.add_hline(y=1.0, line_dash="dash", line_color="grey")
-    figure.update_xaxes(title_text="domain", type="category")
+    short = [safe_label(domain, 16) for domain in domains["domain"]]  # the hover has the whole name
+    figure.update_xaxes(title_text="domain", type="category", tickmode="array", tickvals=labels, ticktext=short)
     figure.update_yaxes(title_text="lift (1 = uniform)")
-    return _layout(figure, title, height=320)
+    return _layout(figure, title, height=320, bottom_labels=short)
 
 
 # --- Expert bias -------------------------------------------------------------------------------------------
@@ -415,11 +429,12 @@ def attention_pattern(pattern: pd.DataFrame, tokens: Sequence[str], window: int 
     if window is not None and window < size:
         figure.add_trace(go.Scatter(x=[0, size - window], y=[window - 1, size - 1], mode="lines",
                                     name=f"window edge (W={window})", line={"dash": "dash", "color": "red"}))
-    if size <= 64:  # tokens on the query axis only: rotated labels on both axes double the drawing time
+    tokened = size <= 64  # tokens on the query axis only: rotated labels on both axes double the drawing time
+    if tokened:
         figure.update_yaxes(tickmode="array", tickvals=positions, ticktext=labels)
     figure.update_xaxes(title_text="key position")
     figure.update_yaxes(title_text="query position", autorange="reversed")
-    return _layout(figure, title, height=560)
+    return _layout(figure, title, height=560, left_labels=labels if tokened else ())
 
 
 # --- Specialisation ----------------------------------------------------------------------------------------
@@ -437,7 +452,7 @@ def domain_lift_heatmap(lift: pd.DataFrame, title: str) -> go.Figure:
                                   hovertemplate="%{y}, expert %{x}<br>lift %{z:.2f}<extra></extra>"))
     figure.update_xaxes(title_text="expert")
     figure.update_yaxes(title_text="domain", type="category")
-    return _layout(figure, title, height=max(260, 80 + 40 * len(domains)))
+    return _layout(figure, title, height=max(260, 80 + 40 * len(domains)), left_labels=list(domains))
 
 
 def coactivation_heatmap(pairs: pd.DataFrame, title: str) -> go.Figure:

@@ -276,6 +276,23 @@ def test_attention_pattern_draws_the_window_edge_for_local_heads() -> None:
     assert trace_types(figures.attention_pattern(pattern(12), tokens, None, "global")) == ["heatmap"]
 
 
+def test_margins_are_fixed_and_fit_the_text_tick_labels() -> None:
+    tokens = [f"token-{i:02d}-xxxxxxxxxx" for i in range(12)]
+    local = figures.attention_pattern(pattern(12), tokens, 4, "local")
+    longest = max(len(text) for text in local.layout.yaxis.ticktext)
+    assert local.layout.margin.l >= 7 * longest + 30, "the token labels and the axis title fit the left margin"
+    domains = pd.DataFrame({"domain": ["a rather long domain name", "code"], "tokens": [10, 10], "routed": [3, 1],
+                            "share": [0.3, 0.1], "lift": [1.2, 0.4]})
+    bars = figures.domain_lift_bars(domains, "domains")
+    assert max(len(text) for text in bars.layout.xaxis.ticktext) <= 16 and bars.layout.margin.b >= 7 * 16 + 30
+    assert list(bars.layout.xaxis.tickvals) == list(bars.data[0].x), "hover keeps the whole name"
+    numbers = figures.load_heatmap(grid(range(2, 9), 16, "relative_load", tokens=100), "load")
+    for figure in (local, bars, numbers):
+        axes = [figure.layout[name] for name in figure.layout if name.startswith(("xaxis", "yaxis"))]
+        assert axes and all(axis.automargin is False for axis in axes), "automargin lays a chart out twice"
+    assert numbers.layout.margin.l == 80
+
+
 def test_attention_pattern_of_a_long_prompt_is_capped() -> None:
     figure = figures.attention_pattern(pattern(1000), [], 128, "long")
     assert count_points(figure) <= MAX_POINTS
