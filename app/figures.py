@@ -96,9 +96,18 @@ def pool_columns(matrix: np.ndarray, columns: np.ndarray, max_cells: int) -> tup
 
 
 def _matrix(frame: pd.DataFrame, rows: str, columns: str, value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(matrix [rows x columns] as float32 with NaN gaps, row labels, column labels) from long rows."""
-    table = frame.pivot_table(index=rows, columns=columns, values=value, aggfunc="mean", dropna=False)
-    return table.to_numpy(dtype=np.float32), table.index.to_numpy(), table.columns.to_numpy()
+    """(matrix [rows x columns] as float32, the mean of each cell's values, NaN where it has none; sorted row
+    labels; sorted column labels) from long rows: pandas' pivot_table by bincount, several times faster."""
+    row_labels, row = np.unique(frame[rows].to_numpy(), return_inverse=True)
+    column_labels, column = np.unique(frame[columns].to_numpy(), return_inverse=True)
+    values = frame[value].to_numpy(dtype=np.float64)
+    seen = ~np.isnan(values)
+    cell = (row * len(column_labels) + column)[seen]
+    size = len(row_labels) * len(column_labels)
+    counts = np.bincount(cell, minlength=size)
+    sums = np.bincount(cell, weights=values[seen], minlength=size)
+    means = np.divide(sums, counts, out=np.full(size, np.nan), where=counts > 0)
+    return means.reshape(len(row_labels), len(column_labels)).astype(np.float32), row_labels, column_labels
 
 
 def _cell_targets(x: np.ndarray, y: np.ndarray, hovertemplate: str,
@@ -401,9 +410,10 @@ def head_grid(stats: pd.DataFrame, metric: str, title: str) -> go.Figure:
                                   colorbar={"title": {"text": HEAD_METRIC_LABELS[metric]}}))
     figure.add_trace(_cell_targets(heads, layers, "layer %{y} (%{customdata[0]}), head %{x}<br>"
                                    f"{HEAD_METRIC_LABELS[metric]} %{{customdata[1]:.3g}}<extra></extra>", custom))
-    for layer in layers[kinds == "global"]:
-        figure.add_shape(type="rect", x0=heads[0] - 0.5, x1=heads[-1] + 0.5, y0=layer - 0.5, y1=layer + 0.5,
-                         line={"color": "black", "width": 2})
+    # All outlines in one update: add_shape one by one validates every shape again each time (0.2 s for 20).
+    figure.update_layout(shapes=[{"type": "rect", "x0": heads[0] - 0.5, "x1": heads[-1] + 0.5, "y0": layer - 0.5,
+                                  "y1": layer + 0.5, "line": {"color": "black", "width": 2}}
+                                 for layer in layers[kinds == "global"]])
     # Labelling every layer costs the browser more than the whole grid; outlines and hover carry the kind.
     figure.update_xaxes(title_text="head", dtick=1)
     figure.update_yaxes(title_text="layer (outlined: global attention)", autorange="reversed")

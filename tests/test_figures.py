@@ -100,6 +100,22 @@ def test_load_heatmap_has_clickable_cells() -> None:
     assert (figure.data[0].zmin, figure.data[0].zmax) == (0.0, 2.0)
 
 
+def test_matrix_is_pandas_pivot_table_mean() -> None:
+    rng = np.random.default_rng(8)
+    frame = pd.DataFrame({"layer": rng.integers(2, 9, 400), "expert": rng.integers(0, 30, 400),
+                          "value": rng.normal(size=400)})
+    frame.loc[rng.choice(400, 60, replace=False), "value"] = np.nan  # some cells only NaN, some duplicated
+    frame = pd.concat([frame, pd.DataFrame({"layer": [20], "expert": [40], "value": [np.nan]})])
+    z, rows, columns = figures._matrix(frame, "layer", "expert", "value")
+    oracle = frame.pivot_table(index="layer", columns="expert", values="value", aggfunc="mean", dropna=False)
+    assert list(rows) == list(oracle.index) and list(columns) == list(oracle.columns)
+    np.testing.assert_allclose(z, oracle.to_numpy(dtype=np.float32), rtol=1e-6, equal_nan=True)
+    words = pd.DataFrame({"domain": ["b", "a", "b"], "expert": [1, 0, 1], "lift": [1.0, 2.0, 3.0]})
+    z, rows, _ = figures._matrix(words, "domain", "expert", "lift")
+    assert list(rows) == ["a", "b"]
+    np.testing.assert_array_equal(z, [[2.0, np.nan], [np.nan, 2.0]])  # b's two rows averaged
+
+
 def check_row_targets(rows: go.Bar, z: np.ndarray, layers: list[int], centre: float) -> None:
     """Each row target spans its row of `z` and points at the row's value furthest from `centre`."""
     assert rows.type == "bar" and rows.orientation == "h" and list(rows.y) == layers
