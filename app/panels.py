@@ -75,3 +75,12 @@ def choose(label: str, options: Sequence[int], *, key: str, default: int, help: 
     if st.session_state.get(key) not in options:
         st.session_state[key] = default if default in options else options[0]
     return st.selectbox(label, options, key=key, help=help)
+
+
+def choose_later(label: str, options: Sequence[int], *, key: str, placeholder: str,
+                 help: str | None = None) -> int | None:
+    """A select box over numbers that starts empty (showing `placeholder`): a drill-down drawn only once
+    something is picked here or clicked (a click sets `key`); None until then."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = None
+    return st.selectbox(label, options, key=key, help=help, placeholder=placeholder)

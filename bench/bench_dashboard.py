@@ -2,7 +2,8 @@
 
 For each page: the first load (nothing cached), then repeated loads (a new navigation: the browser boots
 Streamlit's front end again), switches to the page from the sidebar (how one moves between pages: the
-front end stays up) and step-slider reruns with the server's caches warm, as p50/p95 seconds from
+front end stays up), clicks on the first heatmap that open a drill-down (Expert load, Expert bias) and
+step-slider reruns with the drill-down open and the server's caches warm, as p50/p95 seconds from
 navigation (or from the click) until the script run is over and every chart is drawn; the bytes the
 page received (websocket frames, the data; HTTP bodies, mostly the JavaScript bundles the browser
 caches); and the most points any one figure holds (must stay <= 200k).
@@ -46,17 +47,20 @@ GOAL_P95_S = 1.5
 
 @dataclass(frozen=True)
 class PageSpec:
-    """A page: its URL path, the charts it draws, and whether it has a step slider to move."""
+    """A page: its URL path, the charts it draws, whether it has a step slider to move, and the charts a click
+    on its first heatmap adds (its drill-down, drawn only once something is clicked)."""
 
     title: str
     path: str
     charts: int
     slider: bool
+    drill: int = 0
 
 
-PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 4, True),
-         PageSpec("Expert bias", "expert_bias", 4, True), PageSpec("Value residual", "value_residual", 3, True),
-         PageSpec("Attention", "attention", 2, True), PageSpec("Specialisation", "specialisation", 3, True)]
+PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 2, True, drill=2),
+         PageSpec("Expert bias", "expert_bias", 2, True, drill=2),
+         PageSpec("Value residual", "value_residual", 3, True), PageSpec("Attention", "attention", 2, True),
+         PageSpec("Specialisation", "specialisation", 3, True)]
 
 # Plotted values per figure, counted like app.figures.count_points, from plotly's decoded copy of the data.
 POINTS_JS = """() => {
@@ -230,6 +234,17 @@ def rerun(page: Page, spec: PageSpec, key: str) -> tuple[float, float]:
     return (ended - since) / 1e3, (drawn - since) / 1e3
 
 
+def drill_down(page: Page, spec: PageSpec, row: float) -> float:
+    """Click the first heatmap at `row` (a fraction of its height) in the middle; seconds until the script run
+    is over and the drill-down's charts are drawn."""
+    area = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
+    page.evaluate(WATCH_JS)
+    since = page.evaluate("() => performance.now()")
+    page.mouse.click(area["x"] + area["width"] * 0.5, area["y"] + area["height"] * row)
+    page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill], timeout=120_000)
+    return (page.evaluate(NEXT_FRAME_JS) - since) / 1e3
+
+
 def switch(page: Page, spec: PageSpec) -> float:
     """Click `spec`'s link in the sidebar; seconds until the new page's run is over and its charts drawn."""
     page.evaluate(WATCH_JS)
@@ -274,6 +289,9 @@ def measure(url: str, repeats: int) -> list[list[str]]:
                 traffic.websocket = 0
                 loads.append(load(page, address, spec))
                 socket_bytes.append(traffic.websocket)
+            drills = []
+            if spec.drill:  # two rows in turn: each click opens another layer (cached from the third click on)
+                drills = [drill_down(page, spec, 0.25 + 0.5 * (index % 2)) for index in range(repeats + 2)][2:]
             points = page.evaluate(POINTS_JS)
             scripts, drawn = [], []
             if spec.slider:
@@ -285,6 +303,7 @@ def measure(url: str, repeats: int) -> list[list[str]]:
                     drawn.append(drawn_s)
             assert max(points) <= MAX_POINTS, f"{spec.title}: a figure has {max(points)} points"
             row = [spec.title, f"{cold:.2f}", f"{statistics.median(loads):.2f}", f"{p95(loads):.2f}",
+                   *([f"{statistics.median(drills):.2f}", f"{p95(drills):.2f}"] if drills else ["-", "-"]),
                    *([f"{p95(scripts):.2f}", f"{statistics.median(drawn):.2f}", f"{p95(drawn):.2f}"] if drawn
                      else ["-", "-", "-"]),
                    f"{cold_bytes[0] / 1e3:,.0f}", f"{statistics.median(socket_bytes) / 1e3:,.0f}",
@@ -311,12 +330,12 @@ def screenshots(url: str, out: Path) -> None:
                 page.locator('[data-testid="stSelectbox"]').filter(has_text="Compare with").click()
                 page.get_by_role("option", name="demo-higher-lr").click()
                 page.wait_for_function(DRAWN_JS, arg=spec.charts)
-            if spec.title in ("Expert load", "Attention"):
+            if spec.title in ("Expert load", "Expert bias", "Attention"):
                 area = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
                 page.evaluate(WATCH_JS)
                 since = page.evaluate("() => performance.now()")
                 page.mouse.click(area["x"] + area["width"] * 0.3, area["y"] + area["height"] * 0.55)
-                page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts])
+                page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill])
             page.wait_for_timeout(800)
             height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
             page.set_viewport_size({"width": 1400, "height": min(4000, height + 40)})
@@ -355,8 +374,8 @@ def main() -> None:
             screenshots(url, args.screenshots)
         if args.shape == "locked":
             rows = measure(url, args.repeats)
-            header = ["page", "cold load s", "load p50", "load p95", "switch p50", "switch p95", "rerun script p95",
-                      "rerun p50", "rerun p95",
+            header = ["page", "cold load s", "load p50", "load p95", "switch p50", "switch p95", "click p50",
+                      "click p95", "rerun script p95", "rerun p50", "rerun p95",
                       "ws kB cold", "ws kB warm", "http MB cold", "max points", "figures"]
             print_table(f"dashboard in Chromium, locked shape, >= {args.rows / 1e6:.0f}M router_load rows, "
                         f"{args.repeats} warm loads and step-slider reruns per page (goal p95 <= {GOAL_P95_S} s)",

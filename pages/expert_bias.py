@@ -4,7 +4,7 @@ dithering per expert, and how often the bias changed the routing (override rate,
 import streamlit as st
 
 from analysis import queries
-from app import derived, figures, panels, state
+from app import data, derived, figures, panels, state
 
 st.title("Expert bias")
 selection = state.require_run()
@@ -50,7 +50,17 @@ def expert_bias() -> None:
                          "layer below.")
 
     layers = sorted(int(layer) for layer in bias.frame["layer"].unique())
-    layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0])
+    layer = panels.choose_later("Layer", layers, key=LAYER_KEY, placeholder="Click a heatmap row or pick one")
+    if layer is None:
+        st.caption("Click a row of the heatmap (or pick a layer here) for that layer's biases over steps and "
+                   "which of its experts drift and which dither.")
+    else:
+        layer_detail(reader, layer, steps, shape)
+    routing_view(reader)
+
+
+def layer_detail(reader: data.RunData, layer: int, steps: list[int], shape: derived.RunShape) -> None:
+    """One layer's biases over steps beside its experts' drift against dithering."""
     history = reader.get(queries.bias_history, layer=layer, max_steps=figures.STEP_COLUMNS)
     left, right = st.columns(2)
     with left:
@@ -73,6 +83,9 @@ def expert_bias() -> None:
             st.caption("The config does not give the bias update rate u; it is estimated from the moves "
                        "(the median non-zero change of a bias in one step).")
 
+
+def routing_view(reader: data.RunData) -> None:
+    """Bias override rate or aux-map disagreement per layer over steps, one at a time."""
     stats = reader.get(queries.layer_stats)
     column = st.radio("Per layer over steps", list(ROUTING_VIEWS), horizontal=True, key="bias-routing-view",
                       format_func=lambda name: ROUTING_VIEWS[name][0])

@@ -92,8 +92,12 @@ def expert_load() -> None:
         st.caption("Experts below a tenth of their fair share at the shown step(s), dead ones included." + expected)
 
     st.subheader("One expert")
-    expert = panels.choose("Expert", experts, key=EXPERT_KEY, default=experts[0],
-                           help="Click a heatmap cell, or pick the expert here (the layer is picked above).")
+    expert = panels.choose_later("Expert", experts, key=EXPERT_KEY, placeholder="Click a heatmap cell or pick one",
+                                 help="Click a heatmap cell, or pick the expert here (the layer is picked above).")
+    if expert is None:
+        st.caption(f"Click a cell of the heatmap (or pick an expert of layer {layer} here) for its load and bias "
+                   "over steps, its top probe tokens and its data domains.")
+        return
     history = reader.get(queries.expert_history, layer=layer, expert=expert)
     panels.chart(figures.expert_history(history.frame, layer, expert), history.frame, key="load-history",
                  calls=[history.call],

@@ -123,6 +123,8 @@ def test_step_slider_and_range_change_the_load_heatmap(store_root: Path, monkeyp
 
 def test_drill_down_follows_the_chosen_expert(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, "../pages/expert_load.py", run="tiny")
+    assert len(charts(test)) == 2 and test.selectbox(key="load-expert:tiny").value is None, "no drill-down yet"
+    assert any("Click a cell of the heatmap" in caption.value for caption in test.caption)
     test.selectbox(key="load-layer:tiny").set_value(5)
     test.selectbox(key="load-expert:tiny").set_value(3).run()
     assert "Layer 5, expert 3 over steps" in titles(test)
@@ -146,6 +148,7 @@ def test_summed_load_matches_the_per_step_rows(store_root: Path) -> None:
 
 def test_bias_page_follows_the_chosen_layer(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, "../pages/expert_bias.py", run="tiny")
+    assert titles(test) == ["Bias at step 24", "Bias override rate"], "the layer's drill-down waits for a pick"
     test.selectbox(key="bias-layer:tiny").set_value(6).run()
     assert {"Layer 6: bias over steps", "Layer 6: drift or dithering per expert"} <= set(titles(test))
     assert "Bias override rate" in titles(test) and "Aux-loss map vs dispatched" not in titles(test)

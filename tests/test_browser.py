@@ -27,7 +27,7 @@ HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<a href
            "[click](javascript:alert(1))", "\u202eevil \u05e9\u05dc\u05d5\u05dd", "long " + "x" * 3000]
 DRAWN_CHARTS_JS = """charts => [...document.querySelectorAll('.js-plotly-plot')]
     .filter(plot => plot.querySelector('.main-svg')).length >= charts"""
-PAGES = {"Runs": 1, "Expert load": 4, "Expert bias": 4, "Value residual": 3, "Attention": 2, "Specialisation": 3}
+PAGES = {"Runs": 1, "Expert load": 2, "Expert bias": 2, "Value residual": 3, "Attention": 2, "Specialisation": 3}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); the browser tests need it",
@@ -154,12 +154,12 @@ def click_cell(page: Page, chart: int, column: float, row: float) -> None:
 
 
 def test_clicking_cells_opens_their_drill_down(page: Page) -> None:
-    open_page(page, "Expert load", 4)
+    open_page(page, "Expert load", 2)
     settled(page)
     experts, layers = TINY.experts, len(TINY.moe_layers)
     click_cell(page, 0, (3 + 0.5) / experts, (5 - 2 + 0.5) / layers)
     page.get_by_text("Layer 5, expert 3 over steps").wait_for()
-    open_page(page, "Expert bias", 4)
+    open_page(page, "Expert bias", 2)
     settled(page)
     click_cell(page, 0, 0.8, (6 - 2 + 0.5) / layers)
     page.get_by_text("Layer 6: bias over steps").wait_for()
