@@ -122,6 +122,12 @@ def _cell_targets(x: np.ndarray, y: np.ndarray, hovertemplate: str,
                  hovertemplate=hovertemplate, customdata=customdata)
 
 
+def _cell_range(x: np.ndarray) -> list[float]:
+    """[left edge, right edge] of the cells of evenly spaced column labels."""
+    half = float(x[1] - x[0]) / 2 if len(x) > 1 else 0.5
+    return [float(x[0]) - half, float(x[-1]) + half]
+
+
 def _row_targets(z: np.ndarray, x: np.ndarray, y: np.ndarray, label: str, *, centre: float, value_format: str,
                  skip_row: object = None) -> go.Bar:
     """One invisible bar across each row (rows other than `skip_row`), so that a click anywhere in a row selects
@@ -137,8 +143,8 @@ def _row_targets(z: np.ndarray, x: np.ndarray, y: np.ndarray, label: str, *, cen
                f"{format(centre, 'g')}: expert {x[far]} at {format(row[far], value_format)}"
                if not np.isnan(a) else "no values", x[far]]
               for a, b, far, row in zip(low, high, furthest, values, strict=True)]
-    half = (x[1] - x[0]) / 2 if len(x) > 1 else 0.5
-    return go.Bar(x=np.full(rows.sum(), x[-1] - x[0] + 2 * half), y=y[rows], base=x[0] - half, orientation="h",
+    left, right = _cell_range(x)
+    return go.Bar(x=np.full(rows.sum(), right - left), y=y[rows], base=left, orientation="h",
                   width=1.0, name="rows", showlegend=False, marker=INVISIBLE, selected={"marker": INVISIBLE},
                   unselected={"marker": INVISIBLE}, customdata=np.array(custom, dtype=object),
                   hovertemplate="layer %{y}: %{customdata[0]}<extra></extra>")
@@ -232,7 +238,8 @@ def load_heatmap(load: pd.DataFrame, title: str, layer: int | None = None) -> go
         if 0 < len(exact) < len(layers):
             figure.add_shape(type="rect", x0=experts[0] - 0.5, x1=experts[-1] + 0.5, y0=layer - 0.5, y1=layer + 0.5,
                              line={"color": "black", "width": 1.5})
-    figure.update_xaxes(title_text="expert")
+    # Pinned to the cells: plotly pads an axis for bars, which would leave a blank strip beside the heatmap.
+    figure.update_xaxes(title_text="expert", range=_cell_range(experts))
     figure.update_yaxes(title_text="layer", autorange="reversed")
     by_row = any(trace.name == "rows" for trace in figure.data)
     return _layout(figure, title, height=max(320, min(900, 60 + 9 * len(layers))),
@@ -313,7 +320,7 @@ def bias_heatmap(bias: pd.DataFrame, title: str) -> go.Figure:
     figure = go.Figure(go.Heatmap(z=z, x=experts, y=layers, colorscale=DIVERGING, zmid=0.0,
                                   colorbar={"title": {"text": "bias"}}, hoverinfo="skip"))
     figure.add_trace(_row_targets(z, experts, layers, "bias", centre=0.0, value_format="+.3g"))
-    figure.update_xaxes(title_text="expert")
+    figure.update_xaxes(title_text="expert", range=_cell_range(experts))
     figure.update_yaxes(title_text="layer", autorange="reversed")
     return _layout(figure, title, height=max(320, min(900, 60 + 9 * len(layers))), **ROW_SELECTABLE)
 

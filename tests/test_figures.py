@@ -243,6 +243,7 @@ def test_bias_heatmap_clicks_by_row() -> None:
     low, high = np.nanmin(z[0]), np.nanmax(z[0])
     assert rows.customdata[0][0].startswith(f"bias from {low:+.3g} to {high:+.3g}; furthest from 0: expert ")
     assert figure.layout.hoverdistance is None and figure.layout.clickmode == "event+select"
+    assert list(figure.layout.xaxis.range) == [-0.5, 255.5], "no blank strip for the bars' padding"
 
 
 def test_layer_step_heatmap_drops_dense_layer_nulls_and_caps() -> None:
