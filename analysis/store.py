@@ -725,7 +725,7 @@ class Store:
         rate = shape.get("bias_update_rate") if isinstance(shape, Mapping) else None
         rate = float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 else None
         run_id, parts = run_dir.name, []
-        for layer in self._series_layers(run_dir, "expert_bias") if last is not None else []:
+        for layer in sorted(_series_layer_dirs(run_dir, "expert_bias")) if last is not None else []:
             rows = self.sql("select step, expert, bias from expert_bias where run_id = $run and layer = $layer",
                             {"run": run_id, "layer": layer}, run=run_id, layer=layer)
             sums = drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
@@ -737,23 +737,12 @@ class Store:
                                 covers=[segment.name for segment in visible], row_group_rows=ROLLUP_ROW_GROUP_ROWS)
         self._remove_segments(visible)
 
-    def _series_layers(self, run_dir: Path, table: str) -> list[int]:
-        """The layers that have per-layer copies of `table`, in order."""
-        base = run_dir / "segments" / f"{table}{SERIES_SUFFIX}"
-        names = [re.fullmatch(r"layer-(\d+)", layer_dir.name) for layer_dir in base.iterdir()] if base.is_dir() else []
-        return sorted(int(match[1]) for match in names if match)
-
     def _refresh_series(self, run_dir: Path, table: str) -> None:
         """Write the per-layer copies of `table`'s compacted files that lack them, and delete copies of
         files that are gone (readers that listed one retry)."""
         sources = [segment for segment in self._scan(run_dir, table)[0] if segment.kind == "compact"]
-        base = run_dir / "segments" / f"{table}{SERIES_SUFFIX}"
-        present: dict[int, set[str]] = {}
-        if base.is_dir():
-            for layer_dir in base.iterdir():
-                match = re.fullmatch(r"layer-(\d+)", layer_dir.name)
-                if match and layer_dir.is_dir():
-                    present[int(match[1])] = {path.name for path in layer_dir.iterdir()}
+        present = {layer: {path.name for path in layer_dir.iterdir()}
+                   for layer, layer_dir in _series_layer_dirs(run_dir, table).items()}
         for source in sources:
             self._write_series(run_dir, table, source, present)
         wanted = {source.name for source in sources}
@@ -844,6 +833,17 @@ def _groups_up_to(segments: list[Segment], rows: int) -> list[list[Segment]]:
         groups[-1].append(segment)
         group_rows += segment.rows
     return groups
+
+
+def _series_layer_dirs(run_dir: Path, table: str) -> dict[int, Path]:
+    """Layer -> the folder of its per-layer copies of `table`, for every layer that has one."""
+    base = run_dir / "segments" / f"{table}{SERIES_SUFFIX}"
+    dirs = {}
+    for layer_dir in base.iterdir() if base.is_dir() else ():
+        match = re.fullmatch(r"layer-(\d+)", layer_dir.name)
+        if match and layer_dir.is_dir():
+            dirs[int(match[1])] = layer_dir
+    return dirs
 
 
 def _series_dir(table_dir: Path, layer: int) -> Path:
