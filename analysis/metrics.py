@@ -241,14 +241,26 @@ class BiasDrift:
     sign_change_rate: NDArray[np.float64]
 
 
-def _sign_changes(moves: np.ndarray) -> np.ndarray:
-    """Per column, how often a non-zero move has the opposite sign of the previous non-zero move."""
-    columns = np.ascontiguousarray(moves.reshape(moves.shape[0], -1).T)  # [columns, steps], each in step order
+def _move_signs(moves: np.ndarray, previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `moves` [steps, ...] (-1, 0, +1): how often a non-zero move has the opposite sign of the
+    previous non-zero move, and the sign of the last one (0 if none). `previous` [...] is the sign of the last
+    move before these steps (0: none), so that a history cut in two gives the same counts in sum."""
+    if previous is not None:
+        moves = np.concatenate([np.asarray(previous, dtype=np.int8)[None], moves])
+    flat = moves.reshape(moves.shape[0], -1)  # [steps, columns]
+    if flat.all():
+        # Every step moved (the usual case for sign updates recorded every step): neighbours are the pairs.
+        return np.count_nonzero(flat[1:] != flat[:-1], axis=0).reshape(moves.shape[1:]), flat[-1].reshape(
+            moves.shape[1:])
+    columns = np.ascontiguousarray(flat.T)  # [columns, steps], each in step order
     column, _ = np.nonzero(columns)
     signs = columns[columns != 0]  # non-zero moves, column by column, in step order
     flips = (signs[1:] != signs[:-1]) & (column[1:] == column[:-1])
     counts = np.bincount(column[1:][flips], minlength=columns.shape[0])
-    return counts.reshape(moves.shape[1:])
+    last = np.zeros(columns.shape[0], dtype=np.int8)
+    ends = np.append(column[1:] != column[:-1], True)  # the last non-zero move of each column
+    last[column[ends]] = signs[ends]
+    return counts.reshape(moves.shape[1:]), last.reshape(moves.shape[1:])
 
 
 def classify_bias_drift(bias_history: Values, rate: float, drift_threshold: float = 0.5) -> BiasDrift:
@@ -258,12 +270,14 @@ def classify_bias_drift(bias_history: Values, rate: float, drift_threshold: floa
     (1 = alternating every step, about 0.5 for a random walk, 0 for drift).
     "flat": path length < u/2 (never moved a whole step); "drift": straightness >= drift_threshold;
     "dither": otherwise. Both numbers are nan where undefined (flat; fewer than two moves)."""
-    return classify_bias_path(**bias_path_sums(bias_history, rate), rate=rate, drift_threshold=drift_threshold)
+    sums = bias_path_sums(bias_history, rate)
+    return classify_bias_path(sums["net"], sums["path"], sums["moves"], sums["sign_changes"], rate, drift_threshold)
 
 
-def bias_path_sums(bias_history: Values, rate: float) -> dict[str, np.ndarray]:
+def bias_path_sums(bias_history: Values, rate: float, previous_move: Values | None = None) -> dict[str, np.ndarray]:
     """Per expert of a bias history [steps >= 2, ..., E] at rate u: net = e_last - e_first, path = sum |Δe|,
-    moves = steps with |Δe| >= u/2 and sign_changes between consecutive moves."""
+    moves = steps with |Δe| >= u/2, sign_changes between consecutive moves and last_move (the sign of the last
+    one, 0 if none). With `previous_move` (last_move of the history before), a cut history sums exactly."""
     history = np.asarray(_as_array(bias_history), dtype=np.float64)
     if history.ndim < 2 or history.shape[0] < 2 or rate <= 0:
         raise ValueError(f"need bias_history [steps >= 2, ..., E] and rate > 0, got {history.shape}, {rate}")
@@ -273,8 +287,9 @@ def bias_path_sums(bias_history: Values, rate: float) -> dict[str, np.ndarray]:
     moves = np.zeros(steps.shape, dtype=np.int8)  # -1, 0, +1: a byte each keeps the counting passes cheap
     moves[big & (steps > 0)] = 1
     moves[big & (steps < 0)] = -1
+    sign_changes, last_move = _move_signs(moves, None if previous_move is None else _as_array(previous_move))
     return {"net": history[-1] - history[0], "path": sizes.sum(axis=0), "moves": np.count_nonzero(moves, axis=0),
-            "sign_changes": _sign_changes(moves)}
+            "sign_changes": sign_changes, "last_move": last_move}
 
 
 def estimated_bias_rate(bias_history: Values) -> float | None:
@@ -507,6 +522,10 @@ def span_means(values: np.ndarray, span: int) -> tuple[NDArray[np.float64], NDAr
         raise ValueError(f"span must be at least 1, got {span}")
     starts = np.arange(0, len(values), span)
     seen = ~np.isnan(values)
+    if seen.all():
+        # Nothing missing: divide by the span lengths instead of counting values a second time.
+        lengths = np.diff(np.append(starts, len(values))).reshape(-1, *[1] * (values.ndim - 1))
+        return np.add.reduceat(values, starts) / lengths, starts
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.add.reduceat(np.where(seen, values, 0.0), starts) / np.add.reduceat(seen, starts)
     return means, starts

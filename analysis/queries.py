@@ -208,20 +208,27 @@ def _bias_grid(store: Store, run: str, layer: int, expert: int | None = None,
 
 def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) -> pd.DataFrame:
     """Per expert of one layer, metrics.bias_path_sums over every step recorded for all its experts: steps,
-    first_bias, last_bias, path (sum of |Δe|), moves (steps with |Δe| >= u/2), sign_changes between moves;
-    u is `rate`, or metrics.estimated_bias_rate of the layer when None (returned as `rate`, NaN if nothing
-    moved). Read from the bias_drift roll-up when the run has one for its last step at this rate, else
-    computed from the layer's rows. Columns: expert, steps, first_bias, last_bias, path, moves, sign_changes, rate."""
+    first_bias, last_bias, path (sum of |Δe|), moves (steps with |Δe| >= u/2), sign_changes between moves,
+    last_move (the sign of the last move, 0 if none); u is `rate`, or metrics.estimated_bias_rate of the layer
+    when None (returned as `rate`, NaN if nothing moved). Read from the bias_drift roll-up when it covers the run's
+    last step at this rate; at a given rate a roll-up of earlier steps is extended by the rows after it; otherwise
+    computed from the layer's rows. Columns: expert, steps, first_bias, last_bias, path, moves, sign_changes,
+    last_move, rate."""
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be a positive number, got {rate!r}")
-    rolled = store.sql(
-        f"select step, rate_given, {', '.join(drift.DRIFT_COLUMNS)} from bias_drift"
-        " where run_id = $run and layer = $layer order by expert",
-        {"run": _run(run), "layer": _int("layer", layer)}, run=run)
-    if (not rolled.empty and rolled["step"].iloc[0] == store.last_step(run, "expert_bias")
-            and rolled["rate_given"].iloc[0] == (rate is not None)
+    rolled = store.sql("select * from bias_drift where run_id = $run and layer = $layer order by expert",
+                       {"run": _run(run), "layer": _int("layer", layer)}, run=run)
+    last = store.last_step(run, "expert_bias")
+    if (not rolled.empty and rolled["rate_given"].iloc[0] == (rate is not None)
             and (rate is None or rolled["rate"].iloc[0] == rate)):
-        return rolled[drift.DRIFT_COLUMNS]
+        if rolled["step"].iloc[0] == last:
+            return rolled.reindex(columns=drift.DRIFT_COLUMNS)
+        if rate is not None and last is not None and "last_move" in rolled and rolled["last_move"].notna().all():
+            rows = _bias_rows(store, run, layer, window=(int(rolled["step"].iloc[0]) + 1, last))
+            extended = drift.extend_drift(rolled, rows["step"].to_numpy(), rows["expert"].to_numpy(),
+                                          rows["bias"].to_numpy(), rate)
+            if extended is not None:
+                return extended
     rows = _bias_rows(store, run, layer)
     return drift.drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
 

@@ -97,13 +97,16 @@ TABLES: dict[str, TableSpec] = {spec.name: spec for spec in [
         ("max_vio_median", F64, NULLABLE), ("max_vio_worst", F64, NULLABLE), ("cv_median", F64, NULLABLE),
         ("cv_worst", F64, NULLABLE), ("entropy_norm_median", F64, NULLABLE), ("entropy_norm_worst", F64, NULLABLE),
     ], ("step",), derived=True),
-    # Per (layer, expert) drift sums of the whole expert_bias (analysis.drift.drift_sums), written when a run is
-    # compacted; step is the last step they cover, rate the u they counted moves at, rate_given whether u was
-    # the run's configured rate (manifest shape.bias_update_rate) or estimated from the layer's biases.
+    # Per (layer, expert) drift sums of expert_bias up to a step (analysis.drift.drift_sums), written when a run is
+    # compacted and, at the run's configured rate, carried forward at each compaction while it records; step is
+    # the last step they cover, rate the u they counted moves at, rate_given whether u was the run's configured
+    # rate (manifest shape.bias_update_rate) or estimated from the layer's biases. last_move (the sign of each
+    # expert's last move) lets later steps be added without the earlier rows; null in roll-ups written before it.
     _table("bias_drift", [
         ("layer", I16, REQUIRED), ("expert", I16, REQUIRED), ("steps", I64, REQUIRED), ("first_bias", F64, REQUIRED),
         ("last_bias", F64, REQUIRED), ("path", F64, REQUIRED), ("moves", I64, REQUIRED),
-        ("sign_changes", I64, REQUIRED), ("rate", F64, NULLABLE), ("rate_given", pa.bool_(), REQUIRED),
+        ("sign_changes", I64, REQUIRED), ("last_move", pa.int8(), NULLABLE), ("rate", F64, NULLABLE),
+        ("rate_given", pa.bool_(), REQUIRED),
     ], ("step", "layer", "expert"), derived=True),
 ]}
 

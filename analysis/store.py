@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.drift import drift_sums
+from analysis.drift import drift_sums, extend_drift
 from analysis.schema import (
     LOAD_ROLLUP_SQL,
     LOAD_SUMMARY_SQL,
@@ -313,7 +313,7 @@ class Store:
             self._rebuild_rollups(run_dir)
             for table in SERIES_TABLES:
                 self._refresh_series(run_dir, table)
-            self._rebuild_bias_drift(run_dir)
+            self._update_bias_drift(run_dir, recording=False)
 
     def runs(self) -> pd.DataFrame:
         """One row per run: run_id, status, created_at, finished_at, steps, last_step, tokens,
@@ -713,9 +713,11 @@ class Store:
                                      lambda files, sql=sql: sql.format(source=_parquet_list(files)),
                                      replaces=visible, row_group_rows=ROLLUP_ROW_GROUP_ROWS)
 
-    def _rebuild_bias_drift(self, run_dir: Path) -> None:
-        """Write the bias_drift roll-up of every layer up to the last expert_bias step (after the per-layer
-        copies, which it reads), at the manifest's shape.bias_update_rate or else the estimated rate."""
+    def _update_bias_drift(self, run_dir: Path, *, recording: bool) -> None:
+        """Bring the bias_drift roll-up of every layer up to the last expert_bias step (after the per-layer copies,
+        which it reads) at the manifest's shape.bias_update_rate, or else at the estimated rate. At a given rate the
+        roll-up there is extended by the later rows (drift.extend_drift); while `recording`, nothing is done
+        without a given rate (an estimated rate needs every row again)."""
         last = max((segment.last for segment in self._scan(run_dir, "expert_bias")[0]), default=None)
         visible, replaced = self._scan(run_dir, "bias_drift")
         self._remove_segments(replaced)
@@ -724,11 +726,20 @@ class Store:
         shape = self._manifest(run_dir).get("shape")
         rate = shape.get("bias_update_rate") if isinstance(shape, Mapping) else None
         rate = float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 else None
+        if recording and rate is None:
+            return
         run_id, parts = run_dir.name, []
+        before = self._drift_to_extend(run_dir, visible, rate)
+        since = -1 if before is None else int(before["step"].iloc[0])
         for layer in sorted(_series_layer_dirs(run_dir, "expert_bias")) if last is not None else []:
-            rows = self.sql("select step, expert, bias from expert_bias where run_id = $run and layer = $layer",
-                            {"run": run_id, "layer": layer}, run=run_id, layer=layer)
-            sums = drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
+            sums = None
+            if before is not None and rate is not None:
+                rows = self._layer_bias_rows(run_id, layer, (since + 1, last))
+                sums = extend_drift(before[before["layer"] == layer], rows["step"].to_numpy(),
+                                    rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
+            if sums is None:
+                rows = self._layer_bias_rows(run_id, layer, None)
+                sums = drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
             if not sums.empty:
                 parts.append(sums.assign(run_id=run_id, step=last, layer=layer, rate_given=rate is not None))
         if parts:
@@ -736,6 +747,23 @@ class Store:
             self._write_segment(run_dir, "bias_drift", [rollup], (last, last), "compact-" + os.urandom(4).hex(),
                                 covers=[segment.name for segment in visible], row_group_rows=ROLLUP_ROW_GROUP_ROWS)
         self._remove_segments(visible)
+
+    def _drift_to_extend(self, run_dir: Path, visible: list[Segment], rate: float | None) -> pd.DataFrame | None:
+        """The run's bias_drift rows if they can be extended at `rate` (given, the same, with last_move), else None."""
+        if rate is None or len(visible) != 1:
+            return None
+        with self._cursor() as cursor:
+            rolled = cursor.sql(f"select * from {_parquet_list(visible)}").to_arrow_table().to_pandas()
+        usable = ("last_move" in rolled and not rolled.empty and rolled["last_move"].notna().all()
+                  and rolled["rate_given"].all() and (rolled["rate"] == rate).all())
+        return rolled if usable else None
+
+    def _layer_bias_rows(self, run_id: str, layer: int, steps: tuple[int, int] | None) -> pd.DataFrame:
+        """One layer's (step, expert, bias) rows, of `steps` (closed) or all, read from its per-layer copies."""
+        where = "" if steps is None else " and step between $first and $last"
+        params = {} if steps is None else {"first": steps[0], "last": steps[1]}
+        return self.sql(f"select step, expert, bias from expert_bias where run_id = $run and layer = $layer{where}",
+                        {"run": run_id, "layer": layer, **params}, run=run_id, steps=steps, layer=layer)
 
     def _refresh_series(self, run_dir: Path, table: str) -> None:
         """Write the per-layer copies of `table`'s compacted files that lack them, and delete copies of
@@ -1055,6 +1083,7 @@ class RunWriter:
                     self._store._compact_table(self._run_dir, table, major=False)
                 for table in SERIES_TABLES:
                     self._store._refresh_series(self._run_dir, table)
+                self._store._update_bias_drift(self._run_dir, recording=True)
 
     def __enter__(self) -> RunWriter:
         """The writer itself."""

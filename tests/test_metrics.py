@@ -242,6 +242,32 @@ def test_classify_bias_drift_matches_loop(rng: np.random.Generator) -> None:
         assert result.sign_change_rate[layer, expert] == pytest.approx(flips / (len(signs) - 1))
 
 
+@pytest.mark.parametrize("still", [0.0, 0.3])  # every step moves (the counting fast path), or some do not
+def test_bias_path_sums_of_a_cut_history_add_up(rng: np.random.Generator, still: float) -> None:
+    rate = 1e-3
+    moves = rate * rng.choice([-1.0, 0.0, 1.0], p=[(1 - still) / 2, still, (1 - still) / 2], size=(50, 6))
+    history = np.concatenate([np.zeros((1, 6)), np.cumsum(moves, axis=0)])
+    whole = M.bias_path_sums(history, rate)
+    for column in range(6):
+        signs = [int(np.sign(step)) for step in moves[:, column] if step != 0]
+        assert whole["sign_changes"][column] == sum(a != b for a, b in itertools.pairwise(signs))
+        assert whole["last_move"][column] == (signs[-1] if signs else 0)
+    for cut in (1, 20, 49):
+        first = M.bias_path_sums(history[:cut + 1], rate)
+        later = M.bias_path_sums(history[cut:], rate, previous_move=first["last_move"])
+        np.testing.assert_allclose(first["path"] + later["path"], whole["path"], rtol=1e-12)
+        for key in ("moves", "sign_changes"):
+            assert (first[key] + later[key]).tolist() == whole[key].tolist()
+        assert later["last_move"].tolist() == whole["last_move"].tolist()
+
+
+def test_span_means_without_missing_values_match_plain_means(rng: np.random.Generator) -> None:
+    values = rng.normal(size=(10, 2, 3))
+    means, starts = M.span_means(values, 3)
+    expected = [values[first:first + 3].mean(axis=0) for first in starts]
+    np.testing.assert_allclose(means, expected, rtol=1e-12)
+
+
 def loop_override_rate(scores: np.ndarray, bias: np.ndarray, topk: int) -> float:
     changed = 0
     for row in scores:
