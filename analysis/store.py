@@ -964,7 +964,9 @@ class RunWriter:
     """Buffers one run's rows in memory and writes them as atomic Parquet segments.
 
     Flushes happen when a new step begins and `flush_every_steps` steps or `flush_every_s` seconds
-    have gathered, so a step's rows of all tables land together. Not thread-safe: one recorder. A
+    have gathered, so a step's rows of all tables land together. The writer's fresh segments are merged
+    after `compact_every_flushes` flushes (0: never while recording) or once they hold COMPACT_FILE_ROWS
+    rows of one table, whichever comes first. Not thread-safe: one recorder. A
     daemon thread writes the heartbeat while the writer is open, so a long evaluation or checkpoint
     save with nothing to append does not make the run look dead.
     """
@@ -983,6 +985,8 @@ class RunWriter:
         self._max_buffered_step = -1
         self._writer_token = os.urandom(4).hex()
         self._flushes = 0
+        self._flushes_since_compaction = 0
+        self._fresh_rows = 0  # rows of the largest table flushed since the last minor compaction
         self._last_flush = time.monotonic()
         self._last_step: int | None = None
         self._closed = False
@@ -1038,8 +1042,14 @@ class RunWriter:
         self._max_buffered_step = -1
         self._last_flush = time.monotonic()
         self.heartbeat()
-        if self._compact_every_flushes and self._flushes % self._compact_every_flushes == 0:
-            self._compact_small_segments()
+        self._flushes_since_compaction += 1
+        self._fresh_rows += max(table.num_rows for table in tables.values())
+        # A live reader scans fresh segments whole, so they are merged (and split by layer) once they would fill
+        # a compacted file, even before compact_every_flushes flushes (a large model fills one in a few).
+        due = (self._flushes_since_compaction >= self._compact_every_flushes
+               or self._fresh_rows >= COMPACT_FILE_ROWS)
+        if self._compact_every_flushes and due and self._compact_small_segments():
+            self._flushes_since_compaction = self._fresh_rows = 0
 
     def heartbeat(self) -> None:
         """Tell readers this writer is alive (the beat thread calls it; any thread may)."""
@@ -1075,8 +1085,8 @@ class RunWriter:
         return (len(self._buffered_steps) >= self._flush_every_steps
                 or time.monotonic() - self._last_flush >= self._flush_every_s)
 
-    def _compact_small_segments(self) -> None:
-        """Merge this run's small segments so a live reader opens few files; skipped if a compaction runs."""
+    def _compact_small_segments(self) -> bool:
+        """Merge this run's small segments so a live reader opens few files; skipped (False) if a compaction runs."""
         with self._store._run_lock(self._run_dir, wait=False) as held:
             if held:
                 for table in TABLES:
@@ -1084,6 +1094,7 @@ class RunWriter:
                 for table in SERIES_TABLES:
                     self._store._refresh_series(self._run_dir, table)
                 self._store._update_bias_drift(self._run_dir, recording=True)
+        return held
 
     def __enter__(self) -> RunWriter:
         """The writer itself."""

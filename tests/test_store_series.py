@@ -129,3 +129,17 @@ def test_runs_recorded_before_summaries_get_their_summary_from_the_rollup(tmp_pa
     pd.testing.assert_frame_equal(queries.load_summary(reopened, "r1"), expected, check_dtype=False)
     assert queries.available_steps(reopened, "r1", "router_load").step.tolist() == list(range(12))
     assert queries.load_summary(reopened, "missing").empty
+
+
+def test_fresh_segments_are_merged_once_they_would_fill_a_compacted_file(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 600)  # 224 router_load rows a flush: full after 3
+    store = Store(tmp_path)
+    writer = live_run(store, "live", 20, compact_every_flushes=64)
+    visible, _ = store._scan(tmp_path / "live", "router_load")
+    fresh = [segment.rows for segment in visible if segment.kind == "seg"]
+    # 10 flushes, 64 allowed: merged all the same, so that fresh rows stay under two compacted files' worth.
+    assert len(visible) > len(fresh) and sum(fresh) < 2 * 600
+    assert copies(tmp_path, "live", "router_load", 2)
+    assert_layer_reads_match(store, "live")
+    writer.close()
