@@ -682,11 +682,13 @@ class Store:
 
     def _compact_table(self, run_dir: Path, table: str, *, major: bool) -> None:
         """Merge runs of consecutive segments into files of up to COMPACT_FILE_ROWS rows; a minor
-        compaction (live run) merges only the writer's small segments."""
+        compaction (live run) merges only the newest files: fresh segments, and the compacted files before them
+        that hold under half of COMPACT_FILE_ROWS (a small table's compactions would otherwise pile up: a live
+        loss curve read one file per compaction)."""
         visible, replaced = self._scan(run_dir, table)
         # Files a compacted file already replaces can go first: readers ignore them anyway.
         self._remove_segments(replaced)
-        inputs = visible if major else [segment for segment in visible if segment.kind == "seg"]
+        inputs = visible if major else _newest_small(visible)
         for group in _groups_up_to(inputs, COMPACT_FILE_ROWS):
             if len(group) > 1:
                 in_order = all(a.last < b.first for a, b in itertools.pairwise(group))
@@ -847,6 +849,16 @@ class Store:
         for path in (run_dir / "tmp").iterdir():
             if TEMP_NAME.fullmatch(path.name):
                 path.unlink(missing_ok=True)
+
+
+def _newest_small(segments: list[Segment]) -> list[Segment]:
+    """The newest segments (in step order) back to the first compacted file of at least half COMPACT_FILE_ROWS."""
+    newest: list[Segment] = []
+    for segment in reversed(segments):
+        if segment.kind == "compact" and segment.rows >= COMPACT_FILE_ROWS // 2:
+            break
+        newest.append(segment)
+    return newest[::-1]
 
 
 def _groups_up_to(segments: list[Segment], rows: int) -> list[list[Segment]]:

@@ -143,3 +143,21 @@ def test_fresh_segments_are_merged_once_they_would_fill_a_compacted_file(tmp_pat
     assert copies(tmp_path, "live", "router_load", 2)
     assert_layer_reads_match(store, "live")
     writer.close()
+
+
+def test_minor_compactions_merge_small_compacted_files_and_leave_full_ones(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 1000)  # 448 router_load rows per compaction
+    store = Store(tmp_path)
+    writer = live_run(store, "live", 12, compact_every_flushes=2)
+    early = {segment.name for segment in store._scan(tmp_path / "live", "router_load")[0] if segment.rows >= 500}
+    for step in range(12, 24):
+        record_step(writer, TINY, step, np.random.default_rng(step))
+    writer.flush()
+    steps = store._scan(tmp_path / "live", "steps")[0]
+    assert len(steps) == 1 and steps[0].kind == "compact" and steps[0].rows == 24  # one file, not one per compaction
+    loads = store._scan(tmp_path / "live", "router_load")[0]
+    assert early and early <= {segment.name for segment in loads}  # full files are not rewritten
+    assert all(segment.rows >= 500 for segment in loads[:-1]) and sum(segment.rows for segment in loads) == 24 * 112
+    assert_layer_reads_match(store, "live")
+    writer.close()
