@@ -59,7 +59,7 @@ class PageSpec:
 
 PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 2, True, drill=2),
          PageSpec("Expert bias", "expert_bias", 2, True, drill=2),
-         PageSpec("Value residual", "value_residual", 3, True), PageSpec("Attention", "attention", 2, True),
+         PageSpec("Value residual", "value_residual", 2, True), PageSpec("Attention", "attention", 1, True, drill=1),
          PageSpec("Specialisation", "specialisation", 3, True)]
 
 # Plotted values per figure, counted like app.figures.count_points, from plotly's decoded copy of the data.

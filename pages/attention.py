@@ -1,5 +1,6 @@
 """Attention: a layers x heads grid coloured by one statistic with local and global layers marked, and
-one head's attention pattern on a probe prompt on click, with the window edge of local heads."""
+one head's attention pattern on a probe prompt, drawn once a head is clicked (or picked), with the window
+edge of local heads."""
 
 import streamlit as st
 
@@ -54,14 +55,17 @@ def attention() -> None:
     prompts = derived.prompt_summaries(probe)
     choices = st.columns(3)
     with choices[0]:
-        layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0])
+        layer = panels.choose_later("Layer", layers, key=LAYER_KEY, placeholder="Click a head above")
     with choices[1]:
-        head = panels.choose("Head", heads, key=HEAD_KEY, default=heads[0])
+        head = panels.choose_later("Head", heads, key=HEAD_KEY, placeholder="Click a head above")
     with choices[2]:
         prompt_ids = prompts["prompt_id"].astype(int).tolist() or [0]
         prompt_id = panels.choose("Probe prompt", prompt_ids, key=f"attn-prompt:{run}", default=prompt_ids[0])
     if len(prompts):
         st.text(f"Prompt {prompt_id}: " + prompts.loc[prompts["prompt_id"] == prompt_id, "text"].iloc[0])
+    if layer is None or head is None:
+        st.caption("Click a head in the grid, or pick a layer and a head, to draw its attention on this prompt.")
+        return
     kind = stats.frame.loc[stats.frame["layer"] == layer, "kind"].iloc[0]
     window = derived.run_shape(reader.manifest().get("config", {})).window_size if kind == "local" else None
     pattern = reader.get(queries.attention_map, step=map_step, prompt_id=prompt_id, layer=layer, head=head)

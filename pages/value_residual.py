@@ -1,5 +1,5 @@
 """Value residual: each layer's lambda (the mix of its own values with the first layer's) over steps,
-and every layer's lambda at one step."""
+every layer's lambda at one step, and the picked layers' lambdas as lines (drawn once layers are picked)."""
 
 import streamlit as st
 
@@ -31,9 +31,10 @@ def value_residual() -> None:
                  key="lambda-heatmap", calls=[lambdas.call],
                  caption="Every layer (rows) over steps (columns): where the colour changes, the layer is "
                          "learning how much of the first layer's values to take.")
-    default = [layers[0], layers[len(layers) // 2], layers[-1]]
-    chosen = st.multiselect("Layers to draw as lines", layers, default=list(dict.fromkeys(default)),
-                            key=f"lambda-layers:{run}")
+    chosen = st.multiselect("Layers to draw as lines", layers, key=f"lambda-layers:{run}",
+                            placeholder="Pick layers to follow their lambda over steps")
+    if not chosen:
+        return
     panels.chart(figures.lambda_lines(frame, chosen), frame[frame["layer"].isin(chosen)], key="lambda-lines",
                  calls=[lambdas.call], caption="Lambda of the chosen layers over steps.")
 

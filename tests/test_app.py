@@ -159,8 +159,11 @@ def test_bias_page_follows_the_chosen_layer(store_root: Path, monkeypatch: pytes
 def test_attention_pattern_draws_the_window_edge_of_local_heads(store_root: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, "../pages/attention.py", run="tiny")
+    assert len(charts(test)) == 1 and test.selectbox(key="attn-head:tiny").value is None, "no pattern before a pick"
     test.selectbox(key="attn-layer:tiny").set_value(1)
+    test.selectbox(key="attn-head:tiny").set_value(0)
     test.selectbox(key="attn-prompt:tiny").set_value(1).run()
+    assert len(charts(test)) == 2
     pattern = charts(test)[-1]
     assert pattern["layout"]["title"]["text"].startswith("Layer 1 (local), head 0")
     assert pattern["data"][-1]["name"] == "window edge (W=8)"
@@ -170,6 +173,15 @@ def test_attention_pattern_draws_the_window_edge_of_local_heads(store_root: Path
     assert all(trace["type"] == "heatmap" for trace in pattern["data"])
     test.radio(key="attn-metric").set_value("sink_mass").run()
     assert charts(test)[0]["data"][0]["colorbar"]["title"]["text"] == "sink mass"
+
+
+def test_value_residual_lines_are_drawn_for_the_picked_layers(store_root: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    test = app(store_root, monkeypatch, "../pages/value_residual.py", run="tiny")
+    assert len(charts(test)) == 2, "no lines before layers are picked"
+    test.multiselect(key="lambda-layers:tiny").set_value([2, 5]).run()
+    lines = charts(test)[-1]
+    assert len(charts(test)) == 3 and [trace["name"] for trace in lines["data"]] == ["layer 2", "layer 5"]
 
 
 def test_specialisation_page_switches_layer(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<a href
            "[click](javascript:alert(1))", "\u202eevil \u05e9\u05dc\u05d5\u05dd", "long " + "x" * 3000]
 DRAWN_CHARTS_JS = """charts => [...document.querySelectorAll('.js-plotly-plot')]
     .filter(plot => plot.querySelector('.main-svg')).length >= charts"""
-PAGES = {"Runs": 1, "Expert load": 2, "Expert bias": 2, "Value residual": 3, "Attention": 2, "Specialisation": 3}
+PAGES = {"Runs": 1, "Expert load": 2, "Expert bias": 2, "Value residual": 2, "Attention": 1, "Specialisation": 3}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); the browser tests need it",
@@ -163,7 +163,7 @@ def test_clicking_cells_opens_their_drill_down(page: Page) -> None:
     settled(page)
     click_cell(page, 0, 0.8, (6 - 2 + 0.5) / layers)
     page.get_by_text("Layer 6: bias over steps").wait_for()
-    open_page(page, "Attention", 2)
+    open_page(page, "Attention", 1)
     settled(page)
     click_cell(page, 0, (2 + 0.5) / TINY.heads, (4 - 1 + 0.5) / TINY.layers)
     page.get_by_text("Layer 4 (global), head 2").first.wait_for()
@@ -181,7 +181,7 @@ def test_hostile_text_shows_as_text(page: Page, dialogs: list[str]) -> None:
                         vocabulary["y"] + vocabulary["height"] * 0.97)
     page.locator(".hoverlayer .hovertext").first.wait_for()
     assert injected(page) == {"images": 0, "scripts": 0, "links": 0}
-    open_page(page, "Attention", 2)
+    open_page(page, "Attention", 1)
     page.get_by_text("Prompt 0: <script>alert(1)</script>", exact=False).wait_for()
     assert injected(page) == {"images": 0, "scripts": 0, "links": 0}
     assert dialogs == []
