@@ -8,6 +8,7 @@ A store is a folder with one subfolder per run:
     <store>/<run_id>/segments/<table>/<first:09d>-<last:09d>-seg-<writer>-<seq>.parquet
     <store>/<run_id>/segments/<table>/<first:09d>-<last:09d>-compact-<token>.parquet
     <store>/<run_id>/segments/<table>.by_layer/layer-<L>/<name of a compacted file of table>
+    <store>/<run_id>/segments/<table>.by_layer/layer-<L>/<first:09d>-<last:09d>-compact-<token>.parquet  (merged)
     <store>/<run_id>/tmp/                  temp files, renamed into segments/ when complete
 
 A .duckdb file open for writing cannot be read by another process, so the writer only ever adds
@@ -17,8 +18,10 @@ they are deleted, so a reader never sees a row twice or misses one during compac
 
 Router loads and expert biases are kept twice: in step order (a page shows one step of every layer)
 and, for each compacted file, split by layer and sorted by (expert, step) in `<table>.by_layer`
-(a page shows one expert's or one layer's history). A query that names its layer reads the copy of
-each compacted file where it exists and the file itself where not, so both give the same rows. The
+(a page shows one expert's or one layer's history); a layer's copies are merged into one file (that lists
+the files it holds as covered) every MERGE_COPIES copies and at a run's end. A query that names its layer
+reads the copy of each compacted file where it exists and the file itself where not, so both give the same
+rows; a merged copy counts only while every file it holds is visible. The
 load roll-up is rebuilt at the end of a run sorted by (layer, step) in small row groups, and a per
 step summary over layers (load_summary) is kept beside it.
 
@@ -81,6 +84,9 @@ SERIES_SUFFIX = ".by_layer"
 # A compacted file holds at most this many rows, so a step query still picks one small file by its
 # name on a 100M-row run (one file per table would make every step query read a large footer).
 COMPACT_FILE_ROWS = 32 * ROW_GROUP_ROWS
+# A layer's copies are merged into one file once there are this many (and at a run's end), so that a one-layer
+# read opens a few files, not one per compacted file (28 per table at 100M locked-shape rows).
+MERGE_COPIES = 8
 RECOVERY_ATTEMPTS = 3
 
 T = TypeVar("T")
@@ -312,7 +318,7 @@ class Store:
                     self._compact_table(run_dir, table, major=True)
             self._rebuild_rollups(run_dir)
             for table in SERIES_TABLES:
-                self._refresh_series(run_dir, table)
+                self._refresh_series(run_dir, table, merge_all=True)
             self._update_bias_drift(run_dir, recording=False)
 
     def runs(self) -> pd.DataFrame:
@@ -595,18 +601,28 @@ class Store:
         for run_dir in run_dirs:
             self._manifest(run_dir)
             segments += self._scan(run_dir, table)[0]
+        # A merged copy is valid while every file it holds is visible, in the step range or not.
+        names: dict[Path, set[str]] = {}
+        for segment in segments:
+            names.setdefault(segment.path.parent, set()).add(segment.name)
         if steps is not None:
             first, last = steps
             segments = [segment for segment in segments if segment.first <= last and segment.last >= first]
         if layer is None or table not in SERIES_TABLES:
             return segments
         copies: dict[Path, dict[str, Segment]] = {}
-        for index, segment in enumerate(segments):
+        swapped, used = [], set()
+        for segment in segments:
             layer_dir = _series_dir(segment.path.parent, layer)
             if layer_dir not in copies:
-                copies[layer_dir] = {copy.name: copy for copy in self._scan_dir(layer_dir)[0]}
-            segments[index] = copies[layer_dir].get(segment.name, segment)
-        return segments
+                copies[layer_dir] = _copies_by_source(self._scan_dir(layer_dir)[0], names[segment.path.parent])
+            copy = copies[layer_dir].get(segment.name)
+            if copy is None:
+                swapped.append(segment)
+            elif copy.path not in used:  # a merged copy stands for several files: read it once
+                used.add(copy.path)
+                swapped.append(copy)
+        return swapped
 
     def _verify_pages(self, segments: list[Segment]) -> bool:
         """Read every page of each segment with checksums; mark and warn about bad ones. True if any was bad."""
@@ -767,22 +783,42 @@ class Store:
         return self.sql(f"select step, expert, bias from expert_bias where run_id = $run and layer = $layer{where}",
                         {"run": run_id, "layer": layer, **params}, run=run_id, steps=steps, layer=layer)
 
-    def _refresh_series(self, run_dir: Path, table: str) -> None:
-        """Write the per-layer copies of `table`'s compacted files that lack them, and delete copies of
-        files that are gone (readers that listed one retry)."""
+    def _refresh_series(self, run_dir: Path, table: str, *, merge_all: bool = False) -> None:
+        """Write the per-layer copies of `table`'s compacted files that lack them, delete copies that hold a file
+        that is gone (readers that listed one retry), and merge a layer's single copies into one once there are
+        MERGE_COPIES of them (with `merge_all`, at a run's end: two)."""
         sources = [segment for segment in self._scan(run_dir, table)[0] if segment.kind == "compact"]
-        present = {layer: {path.name for path in layer_dir.iterdir()}
-                   for layer, layer_dir in _series_layer_dirs(run_dir, table).items()}
+        wanted = {segment.name for segment in sources}
+        present: dict[int, set[str]] = {}
+        for layer, layer_dir in _series_layer_dirs(run_dir, table).items():
+            visible, replaced = self._scan_dir(layer_dir)
+            stale = [copy for copy in visible if not _held(copy) <= wanted]
+            self._remove_segments(replaced + stale)
+            present[layer] = set().union(*(_held(copy) for copy in visible if copy not in stale))
         for source in sources:
             self._write_series(run_dir, table, source, present)
-        wanted = {source.name for source in sources}
-        for layer, names in present.items():
-            stale = [_series_dir(run_dir / "segments" / table, layer) / name for name in names
-                     if name not in wanted and SEGMENT_NAME.fullmatch(name)]
-            for path in stale:
-                path.unlink(missing_ok=True)
-            if stale:
-                _fsync_dir(stale[0].parent)
+        for layer_dir in _series_layer_dirs(run_dir, table).values():
+            singles = [copy for copy in self._scan_dir(layer_dir)[0] if not copy.covers and copy.name in wanted]
+            if len(singles) >= (2 if merge_all else MERGE_COPIES):
+                self._merge_copies(run_dir, table, singles)
+
+    def _merge_copies(self, run_dir: Path, table: str, singles: list[Segment]) -> None:
+        """Write one layer's single copies as one file sorted by (expert, step) that lists them as replaced (the
+        files they copy), then delete them; a damaged one leaves them as they are."""
+        names = sorted(copy.name for copy in singles)
+        first, last = min(copy.first for copy in singles), max(copy.last for copy in singles)
+        path = singles[0].path.parent / f"{first:09d}-{last:09d}-compact-{os.urandom(4).hex()}.parquet"
+        schema = TABLES[table].schema.with_metadata({COVERS_KEY: json.dumps(names).encode()})
+        with self._cursor() as cursor:
+            try:
+                rows = cursor.sql(f"select * from {_parquet_list(singles)} order by expert, step").to_arrow_table()
+            except (duckdb.Error, OSError) as error:
+                if not _is_data_error(error):
+                    raise
+                warnings.warn(f"per-layer copies in {path.parent} not merged: {error}", StoreWarning, stacklevel=4)
+                return
+        _write_parquet(path, run_dir / "tmp", [rows], schema, ROW_GROUP_ROWS)
+        self._remove_segments(singles)
 
     def _write_series(self, run_dir: Path, table: str, source: Segment, present: Mapping[int, set[str]]) -> None:
         """Split one compacted file by layer into copies sorted by (expert, step); every layer between the
@@ -884,6 +920,17 @@ def _series_layer_dirs(run_dir: Path, table: str) -> dict[int, Path]:
         if match and layer_dir.is_dir():
             dirs[int(match[1])] = layer_dir
     return dirs
+
+
+def _held(copy: Segment) -> frozenset[str]:
+    """The names of the files a per-layer copy holds: its own (a single copy), or those a merged copy lists."""
+    return copy.covers or frozenset([copy.name])
+
+
+def _copies_by_source(copies: list[Segment], sources: set[str]) -> dict[str, Segment]:
+    """File name -> the copy that holds it, for the copies whose every file is among `sources` (a merged copy
+    holding a file that is gone would give its rows twice)."""
+    return {name: copy for copy in copies if _held(copy) <= sources for name in _held(copy)}
 
 
 def _series_dir(table_dir: Path, layer: int) -> Path:

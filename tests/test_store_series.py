@@ -49,22 +49,24 @@ def live_run(store: Store, run: str, steps: int, compact_every_flushes: int) -> 
     return writer
 
 
-def test_closed_run_has_one_copy_per_layer_of_each_compacted_file(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_closed_run_has_one_merged_copy_per_layer_holding_every_compacted_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 1000)
     store = Store(tmp_path)
     record_run(store, "r1", 30, flush_every_steps=4, compact_every_flushes=0)
-    sources = sorted(path.name for path in (tmp_path / "r1" / "segments" / "router_load").glob("*.parquet"))
-    assert len(sources) == 4
     for table in LAYER_QUERIES:
+        sources = sorted(path.name for path in (tmp_path / "r1" / "segments" / table).glob("*.parquet"))
+        assert len(sources) == 4
         for layer in TINY.moe_layers.tolist():
-            assert copies(tmp_path, "r1", table, layer) == sorted(
-                path.name for path in (tmp_path / "r1" / "segments" / table).glob("*.parquet"))
-    copy = pd.read_parquet(tmp_path / "r1" / "segments" / "router_load.by_layer" / "layer-5" / sources[1])
-    assert set(copy.layer) == {5}
+            folder = tmp_path / "r1" / "segments" / f"{table}.by_layer" / f"layer-{layer}"
+            (merged,) = store._scan_dir(folder)[0]
+            assert sorted(merged.covers) == sources and copies(tmp_path, "r1", table, layer) == [merged.name]
+    folder = tmp_path / "r1" / "segments" / "router_load.by_layer" / "layer-5"
+    copy = pd.read_parquet(next(folder.glob("*.parquet")))
+    assert set(copy.layer) == {5} and len(copy) == 30 * 16
     assert copy[["expert", "step"]].equals(copy[["expert", "step"]].sort_values(["expert", "step"]))
     read = store._table_segments("router_load", "r1", (8, 15), layer=5)
-    assert [segment.path.parent.name for segment in read] == ["layer-5"] and read[0].rows == 8 * 16
+    assert [segment.path.parent.name for segment in read] == ["layer-5"]
     assert_layer_reads_match(store, "r1")
 
 
@@ -161,3 +163,31 @@ def test_minor_compactions_merge_small_compacted_files_and_leave_full_ones(tmp_p
     assert all(segment.rows >= 500 for segment in loads[:-1]) and sum(segment.rows for segment in loads) == 24 * 112
     assert_layer_reads_match(store, "live")
     writer.close()
+
+
+def test_a_layers_copies_are_merged_and_a_merged_copy_counts_only_while_its_files_are_visible(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 500)  # every minor compaction writes a 448-row file
+    monkeypatch.setattr(store_module, "MERGE_COPIES", 3)
+    store = Store(tmp_path)
+    writer = live_run(store, "live", 16, compact_every_flushes=2)
+    layer_dir = tmp_path / "live" / "segments" / "expert_bias.by_layer" / "layer-3"
+    visible, _ = store._scan_dir(layer_dir)
+    merged = [copy for copy in visible if copy.covers]
+    sources = store._scan(tmp_path / "live", "expert_bias")[0]
+    assert merged and len(store._table_segments("expert_bias", "live", None, 3)) < len(sources)
+    assert_layer_reads_match(store, "live")
+    # A resume truncates a file a merged copy holds: the merged copy goes, the others' files get copies again.
+    writer.close("failed")
+    resumed = store.resume_run("live", {"config": {}}, 5, flush_every_steps=2, flush_every_s=1e9,
+                               compact_every_flushes=2)
+    names = {segment.name for segment in store._scan(tmp_path / "live", "expert_bias")[0]}
+    for copy in store._scan_dir(layer_dir)[0]:
+        assert copy.covers <= names and (copy.covers or copy.name in names)
+    assert_layer_reads_match(store, "live")
+    rng = np.random.default_rng(0)
+    for step in range(6, 20):
+        record_step(resumed, TINY, step, rng)
+    resumed.close()
+    assert_layer_reads_match(store, "live")
+    assert store.sql("select count(*) as n from expert_bias where layer = 3", layer=3).n[0] == 20 * 16
