@@ -748,13 +748,18 @@ class Store:
             return
         run_id, parts = run_dir.name, []
         before = self._drift_to_extend(run_dir, visible, rate)
-        since = -1 if before is None else int(before["step"].iloc[0])
-        for layer in sorted(_series_layer_dirs(run_dir, "expert_bias")) if last is not None else []:
+        later = None if before is None or last is None else self._bias_rows_by_layer(
+            run_id, (int(before["step"].iloc[0]) + 1, last))
+        if later is not None:
+            layers = {int(layer) for layer in before["layer"]} | set(later)
+        else:
+            layers = set(self.sql("select distinct layer from expert_bias where run_id = $run", {"run": run_id},
+                                  run=run_id)["layer"].astype(int))
+        for layer in sorted(layers):
             sums = None
-            if before is not None and rate is not None:
-                rows = self._layer_bias_rows(run_id, layer, (since + 1, last))
-                sums = extend_drift(before[before["layer"] == layer], rows["step"].to_numpy(),
-                                    rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
+            if later is not None and rate is not None:
+                step, expert, bias = later.get(layer, (np.zeros(0, np.int64),) * 3)
+                sums = extend_drift(before[before["layer"] == layer], step, expert, bias, rate)
             if sums is None:
                 rows = self._layer_bias_rows(run_id, layer, None)
                 sums = drift_sums(rows["step"].to_numpy(), rows["expert"].to_numpy(), rows["bias"].to_numpy(), rate)
@@ -776,6 +781,18 @@ class Store:
                   and rolled["rate_given"].all() and (rolled["rate"] == rate).all())
         return rolled if usable else None
 
+    def _bias_rows_by_layer(self, run_id: str, steps: tuple[int, int]) -> dict[int, tuple[np.ndarray, ...]]:
+        """Layer -> (step, expert, bias) arrays of every expert_bias row of `steps` (closed), in one read: the rows
+        after a roll-up are a few recent files, where a read per layer would cost more than the rows."""
+        rows = self.sql("select layer, step, expert, bias from expert_bias where run_id = $run"
+                        " and step between $first and $last order by layer",
+                        {"run": run_id, "first": steps[0], "last": steps[1]}, run=run_id, steps=steps)
+        layer = rows["layer"].to_numpy()
+        bounds = np.flatnonzero(np.diff(layer)) + 1  # where the sorted layer column changes
+        columns = [np.split(rows[name].to_numpy(), bounds) for name in ("step", "expert", "bias")]
+        return {int(chunk[0]): parts for chunk, *parts in zip(np.split(layer, bounds), *columns, strict=True)
+                if len(chunk)}
+
     def _layer_bias_rows(self, run_id: str, layer: int, steps: tuple[int, int] | None) -> pd.DataFrame:
         """One layer's (step, expert, bias) rows, of `steps` (closed) or all, read from its per-layer copies."""
         where = "" if steps is None else " and step between $first and $last"
@@ -786,8 +803,10 @@ class Store:
     def _refresh_series(self, run_dir: Path, table: str, *, merge_all: bool = False) -> None:
         """Write the per-layer copies of `table`'s compacted files that lack them, delete copies that hold a file
         that is gone (readers that listed one retry), and merge a layer's single copies into one once there are
-        MERGE_COPIES of them (with `merge_all`, at a run's end: two)."""
-        sources = [segment for segment in self._scan(run_dir, table)[0] if segment.kind == "compact"]
+        MERGE_COPIES of them (with `merge_all`, at a run's end: two). Only files of at least half COMPACT_FILE_ROWS
+        get copies: smaller ones are cheap to read whole, and a live run's are rewritten as it grows."""
+        sources = [segment for segment in self._scan(run_dir, table)[0]
+                   if segment.kind == "compact" and segment.rows >= COMPACT_FILE_ROWS // 2]
         wanted = {segment.name for segment in sources}
         present: dict[int, set[str]] = {}
         for layer, layer_dir in _series_layer_dirs(run_dir, table).items():
@@ -803,21 +822,22 @@ class Store:
                 self._merge_copies(run_dir, table, singles)
 
     def _merge_copies(self, run_dir: Path, table: str, singles: list[Segment]) -> None:
-        """Write one layer's single copies as one file sorted by (expert, step) that lists them as replaced (the
-        files they copy), then delete them; a damaged one leaves them as they are."""
+        """Write one layer's single copies, in step order, as one file that lists them as replaced (the files
+        they copy), then delete them; a damaged one leaves them as they are."""
         names = sorted(copy.name for copy in singles)
         first, last = min(copy.first for copy in singles), max(copy.last for copy in singles)
         path = singles[0].path.parent / f"{first:09d}-{last:09d}-compact-{os.urandom(4).hex()}.parquet"
         schema = TABLES[table].schema.with_metadata({COVERS_KEY: json.dumps(names).encode()})
         with self._cursor() as cursor:
             try:
-                rows = cursor.sql(f"select * from {_parquet_list(singles)} order by expert, step").to_arrow_table()
+                rows = cursor.sql(f"select * from {_parquet_list(sorted(singles, key=_segment_order))}"
+                                  ).to_arrow_table()
             except (duckdb.Error, OSError) as error:
                 if not _is_data_error(error):
                     raise
                 warnings.warn(f"per-layer copies in {path.parent} not merged: {error}", StoreWarning, stacklevel=4)
                 return
-        _write_parquet(path, run_dir / "tmp", [rows], schema, ROW_GROUP_ROWS)
+        _write_parquet(path, run_dir / "tmp", [rows], schema, ROW_GROUP_ROWS, durable=False)
         self._remove_segments(singles)
 
     def _write_series(self, run_dir: Path, table: str, source: Segment, present: Mapping[int, set[str]]) -> None:
@@ -842,7 +862,10 @@ class Store:
                 continue
             begin, end = np.searchsorted(layers, [layer, layer + 1])
             path = _series_dir(source.path.parent, layer) / source.name
-            _write_parquet(path, run_dir / "tmp", [data.slice(begin, end - begin)], schema, ROW_GROUP_ROWS)
+            # Copies are not fsynced (an fsync per layer per file was most of a compaction's time): one a
+            # power cut damages fails its footer or page checksums and is skipped for the file it copies.
+            _write_parquet(path, run_dir / "tmp", [data.slice(begin, end - begin)], schema, ROW_GROUP_ROWS,
+                           durable=False)
 
     def _merge_into_segment(self, run_dir: Path, table: str, inputs: list[Segment],
                             query: Callable[[list[Segment]], str], replaces: list[Segment] | None = None,
@@ -939,8 +962,8 @@ def _series_dir(table_dir: Path, layer: int) -> Path:
 
 
 def _write_parquet(path: Path, tmp_dir: Path, parts: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema,
-                   row_group_rows: int) -> None:
-    """Write `parts` as one zstd Parquet file with page checksums at `path`, atomically."""
+                   row_group_rows: int, *, durable: bool = True) -> None:
+    """Write `parts` as one zstd Parquet file with page checksums at `path`, atomically (and fsynced if `durable`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(handle: Any) -> None:
@@ -948,7 +971,7 @@ def _write_parquet(path: Path, tmp_dir: Path, parts: Iterable[pa.Table | pa.Reco
             for group in _row_groups(parts, schema, row_group_rows):
                 writer.write_table(group, row_group_size=row_group_rows)
 
-    _write_file_atomic(path, tmp_dir, write)
+    _write_file_atomic(path, tmp_dir, write, durable=durable)
 
 
 def _row_groups(parts: Iterable[pa.Table | pa.RecordBatch], schema: pa.Schema,

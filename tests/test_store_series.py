@@ -64,7 +64,7 @@ def test_closed_run_has_one_merged_copy_per_layer_holding_every_compacted_file(
     folder = tmp_path / "r1" / "segments" / "router_load.by_layer" / "layer-5"
     copy = pd.read_parquet(next(folder.glob("*.parquet")))
     assert set(copy.layer) == {5} and len(copy) == 30 * 16
-    assert copy[["expert", "step"]].equals(copy[["expert", "step"]].sort_values(["expert", "step"]))
+    assert sorted(zip(copy.expert, copy.step)) == [(expert, step) for expert in range(16) for step in range(30)]
     read = store._table_segments("router_load", "r1", (8, 15), layer=5)
     assert [segment.path.parent.name for segment in read] == ["layer-5"]
     assert_layer_reads_match(store, "r1")
@@ -86,6 +86,7 @@ def test_a_live_run_mixes_copies_and_fresh_segments_without_double_counting(
 
 
 def test_copies_of_replaced_files_are_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_FILE_ROWS", 500)  # a minor compaction writes a 448-row file
     store = Store(tmp_path)
     writer = live_run(store, "r1", 9, compact_every_flushes=2)
     early = copies(tmp_path, "r1", "expert_bias", 4)
@@ -93,7 +94,18 @@ def test_copies_of_replaced_files_are_deleted(tmp_path: Path, monkeypatch: pytes
     writer.close()
     final = copies(tmp_path, "r1", "expert_bias", 4)
     assert len(final) == 1 and not set(early) & set(final)
-    assert final == sorted(path.name for path in (tmp_path / "r1" / "segments" / "expert_bias").glob("*.parquet"))
+    (merged,) = store._scan_dir(tmp_path / "r1" / "segments" / "expert_bias.by_layer" / "layer-4")[0]
+    assert sorted(merged.covers) == sorted(
+        path.name for path in (tmp_path / "r1" / "segments" / "expert_bias").glob("*-compact-*.parquet"))
+
+
+def test_files_under_half_a_compacted_file_get_no_copies_and_are_read_whole(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    record_run(store, "r1", 12, flush_every_steps=4)
+    assert not copies(tmp_path, "r1", "router_load", 3)
+    (whole,) = store._table_segments("router_load", "r1", None, 3)
+    assert whole.path.parent.name == "router_load"
+    assert_layer_reads_match(store, "r1")
 
 
 def test_rollup_is_layer_sorted_after_close_and_the_summary_matches_pandas(tmp_path: Path) -> None:
