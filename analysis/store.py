@@ -18,12 +18,13 @@ they are deleted, so a reader never sees a row twice or misses one during compac
 
 Router loads and expert biases are kept twice: in step order (a page shows one step of every layer)
 and, for each compacted file, split by layer and sorted by (expert, step) in `<table>.by_layer`
-(a page shows one expert's or one layer's history); a layer's copies are merged into one file (that lists
-the files it holds as covered) every MERGE_COPIES copies and at a run's end. A query that names its layer
-reads the copy of each compacted file where it exists and the file itself where not, so both give the same
-rows; a merged copy counts only while every file it holds is visible. The
-load roll-up is rebuilt at the end of a run sorted by (layer, step) in small row groups, and a per
-step summary over layers (load_summary) is kept beside it.
+(a page shows one expert's or one layer's history), for files of at least half COMPACT_FILE_ROWS (smaller
+ones are read whole); a layer's copies are merged into one file (that lists the files it holds as covered)
+every MERGE_COPIES copies and at a run's end. Copies are derived, so they are not fsynced: a damaged one is
+skipped for the file it copies. A query that names its layer reads the copy of each compacted file where it
+exists and the file itself where not, so both give the same rows; a merged copy counts only while every file
+it holds is visible. The load roll-up is rebuilt at the end of a run sorted by (layer, step) in small row
+groups, and a per step summary over layers (load_summary) is kept beside it.
 
 A run whose writer is gone can be resumed from a step (Store.resume_run): the manifest is rewritten
 first, then every row of a later step is dropped by the same replace-then-delete as compaction.
