@@ -822,6 +822,18 @@ class Store:
             if len(singles) >= (2 if merge_all else MERGE_COPIES):
                 self._merge_copies(run_dir, table, singles)
 
+    def _read_inputs(self, query: str, failure: str) -> pa.Table | None:
+        """The rows of `query` over store files, or None after a warning `failure: error` when one of the files
+        is missing or damaged (what would have been derived from them is then left as it is)."""
+        with self._cursor() as cursor:
+            try:
+                return cursor.sql(query).to_arrow_table()
+            except (duckdb.Error, OSError) as error:
+                if not _is_data_error(error):
+                    raise
+                warnings.warn(f"{failure}: {error}", StoreWarning, stacklevel=4)
+                return None
+
     def _merge_copies(self, run_dir: Path, table: str, singles: list[Segment]) -> None:
         """Write one layer's single copies, in step order, as one file that lists them as replaced (the files
         they copy), then delete them; a damaged one leaves them as they are."""
@@ -829,33 +841,26 @@ class Store:
         first, last = min(copy.first for copy in singles), max(copy.last for copy in singles)
         path = singles[0].path.parent / f"{first:09d}-{last:09d}-compact-{os.urandom(4).hex()}.parquet"
         schema = TABLES[table].schema.with_metadata({COVERS_KEY: json.dumps(names).encode()})
-        with self._cursor() as cursor:
-            try:
-                rows = cursor.sql(f"select * from {_parquet_list(sorted(singles, key=_segment_order))}"
-                                  ).to_arrow_table()
-            except (duckdb.Error, OSError) as error:
-                if not _is_data_error(error):
-                    raise
-                warnings.warn(f"per-layer copies in {path.parent} not merged: {error}", StoreWarning, stacklevel=4)
-                return
+        rows = self._read_inputs(f"select * from {_parquet_list(sorted(singles, key=_segment_order))}",
+                                 f"per-layer copies in {path.parent} not merged")
+        if rows is None:
+            return
         _write_parquet(path, run_dir / "tmp", [rows], schema, ROW_GROUP_ROWS, durable=False)
         self._remove_segments(singles)
 
     def _write_series(self, run_dir: Path, table: str, source: Segment, present: Mapping[int, set[str]]) -> None:
         """Split one compacted file by layer into copies sorted by (expert, step); every layer between the
         file's lowest and highest gets a copy (empty where it has no rows), so a complete set is visible."""
-        with self._cursor() as cursor:
-            try:
-                (low, high), = cursor.sql(f"select min(layer), max(layer) from {_parquet_list([source])}").fetchall()
-                if low is None or all(source.name in present.get(layer, ()) for layer in range(low, high + 1)):
-                    return
-                data = cursor.sql(f"select * from {_parquet_list([source])} order by layer, expert, step"
-                                  ).to_arrow_table()
-            except (duckdb.Error, OSError) as error:
-                if not _is_data_error(error):
-                    raise
-                warnings.warn(f"no per-layer copy of {source.path}: {error}", StoreWarning, stacklevel=4)
-                return
+        failure = f"no per-layer copy of {source.path}"
+        bounds = self._read_inputs(f"select min(layer), max(layer) from {_parquet_list([source])}", failure)
+        if bounds is None:
+            return
+        low, high = (bounds.column(index)[0].as_py() for index in range(2))
+        if low is None or all(source.name in present.get(layer, ()) for layer in range(low, high + 1)):
+            return
+        data = self._read_inputs(f"select * from {_parquet_list([source])} order by layer, expert, step", failure)
+        if data is None:
+            return
         layers = data["layer"].to_numpy()
         schema = TABLES[table].schema
         for layer in range(low, high + 1):

@@ -64,7 +64,8 @@ def test_closed_run_has_one_merged_copy_per_layer_holding_every_compacted_file(
     folder = tmp_path / "r1" / "segments" / "router_load.by_layer" / "layer-5"
     copy = pd.read_parquet(next(folder.glob("*.parquet")))
     assert set(copy.layer) == {5} and len(copy) == 30 * 16
-    assert sorted(zip(copy.expert, copy.step)) == [(expert, step) for expert in range(16) for step in range(30)]
+    assert sorted(zip(copy.expert, copy.step, strict=True)) == [(expert, step) for expert in range(16)
+                                                                for step in range(30)]
     read = store._table_segments("router_load", "r1", (8, 15), layer=5)
     assert [segment.path.parent.name for segment in read] == ["layer-5"]
     assert_layer_reads_match(store, "r1")
