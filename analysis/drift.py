@@ -62,6 +62,13 @@ def drift_sums(step: np.ndarray, expert: np.ndarray, bias: np.ndarray, rate: flo
                          "rate": np.nan if u is None else u})[DRIFT_COLUMNS]
 
 
+def extendable(sums: pd.DataFrame, rate: float | None) -> bool:
+    """True if bias_drift rows `sums` can be extended by extend_drift at `rate`: counted at that given rate,
+    with every expert's last move sign (roll-ups written before last_move existed lack it)."""
+    return (rate is not None and not sums.empty and "last_move" in sums and bool(sums["last_move"].notna().all())
+            and bool(sums["rate_given"].all()) and bool((sums["rate"] == rate).all()))
+
+
 def extend_drift(sums: pd.DataFrame, step: np.ndarray, expert: np.ndarray, bias: np.ndarray,
                  rate: float) -> pd.DataFrame | None:
     """drift_sums at `rate` over a history, given `sums` (drift_sums of its earlier steps at `rate`, one row per

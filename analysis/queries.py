@@ -223,7 +223,7 @@ def bias_moves(store: Store, run: str, layer: int, rate: float | None = None) ->
             and (rate is None or rolled["rate"].iloc[0] == rate)):
         if rolled["step"].iloc[0] == last:
             return rolled.reindex(columns=drift.DRIFT_COLUMNS)
-        if rate is not None and last is not None and "last_move" in rolled and rolled["last_move"].notna().all():
+        if last is not None and drift.extendable(rolled, rate):
             rows = _bias_rows(store, run, layer, window=(int(rolled["step"].iloc[0]) + 1, last))
             extended = drift.extend_drift(rolled, rows["step"].to_numpy(), rows["expert"].to_numpy(),
                                           rows["bias"].to_numpy(), rate)

@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.drift import drift_sums, extend_drift
+from analysis.drift import drift_sums, extend_drift, extendable
 from analysis.schema import (
     LOAD_ROLLUP_SQL,
     LOAD_SUMMARY_SQL,
@@ -737,7 +737,7 @@ class Store:
         which it reads) at the manifest's shape.bias_update_rate, or else at the estimated rate. At a given rate the
         roll-up there is extended by the later rows (drift.extend_drift); while `recording`, nothing is done
         without a given rate (an estimated rate needs every row again)."""
-        last = max((segment.last for segment in self._scan(run_dir, "expert_bias")[0]), default=None)
+        last = self.last_step(run_dir.name, "expert_bias")
         visible, replaced = self._scan(run_dir, "bias_drift")
         self._remove_segments(replaced)
         if [segment.last for segment in visible] == [last] or (last is None and not visible):
@@ -778,9 +778,7 @@ class Store:
             return None
         with self._cursor() as cursor:
             rolled = cursor.sql(f"select * from {_parquet_list(visible)}").to_arrow_table().to_pandas()
-        usable = ("last_move" in rolled and not rolled.empty and rolled["last_move"].notna().all()
-                  and rolled["rate_given"].all() and (rolled["rate"] == rate).all())
-        return rolled if usable else None
+        return rolled if extendable(rolled, rate) else None
 
     def _bias_rows_by_layer(self, run_id: str, steps: tuple[int, int]) -> dict[int, tuple[np.ndarray, ...]]:
         """Layer -> (step, expert, bias) arrays of every expert_bias row of `steps` (closed), in one read: the rows
@@ -806,8 +804,7 @@ class Store:
         that is gone (readers that listed one retry), and merge a layer's single copies into one once there are
         MERGE_COPIES of them (with `merge_all`, at a run's end: two). Only files of at least half COMPACT_FILE_ROWS
         get copies: smaller ones are cheap to read whole, and a live run's are rewritten as it grows."""
-        sources = [segment for segment in self._scan(run_dir, table)[0]
-                   if segment.kind == "compact" and segment.rows >= COMPACT_FILE_ROWS // 2]
+        sources = [segment for segment in self._scan(run_dir, table)[0] if _full(segment)]
         wanted = {segment.name for segment in sources}
         present: dict[int, set[str]] = {}
         for layer, layer_dir in _series_layer_dirs(run_dir, table).items():
@@ -916,11 +913,17 @@ class Store:
                 path.unlink(missing_ok=True)
 
 
+def _full(segment: Segment) -> bool:
+    """A compacted file of at least half COMPACT_FILE_ROWS: never rewritten by a minor compaction, and copied
+    by layer (smaller files are read whole)."""
+    return segment.kind == "compact" and segment.rows >= COMPACT_FILE_ROWS // 2
+
+
 def _newest_small(segments: list[Segment]) -> list[Segment]:
     """The newest segments (in step order) back to the first compacted file of at least half COMPACT_FILE_ROWS."""
     newest: list[Segment] = []
     for segment in reversed(segments):
-        if segment.kind == "compact" and segment.rows >= COMPACT_FILE_ROWS // 2:
+        if _full(segment):
             break
         newest.append(segment)
     return newest[::-1]
