@@ -184,11 +184,19 @@ def test_value_residual_lines_are_drawn_for_the_picked_layers(store_root: Path,
     assert len(charts(test)) == 3 and [trace["name"] for trace in lines["data"]] == ["layer 2", "layer 5"]
 
 
-def test_specialisation_page_switches_layer(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_specialisation_page_switches_layer_and_analysis(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, "../pages/specialisation.py", run="tiny")
+    assert titles(test) == ["Domain lift, layer 5, step 24"], "one analysis at a time, domain lift first"
     test.selectbox(key="spec-layer:tiny").set_value(2).run()
-    assert titles(test)[0] == "Domain lift, layer 2, step 24"
-    assert "Co-activation lift, layer 2" in titles(test)
+    assert titles(test) == ["Domain lift, layer 2, step 24"]
+    test.radio(key="spec-analysis").set_value("vocabulary").run()
+    assert titles(test) == ["Vocabulary specialisation, layer 2"] and len(test.dataframe) == 1
+    assert "<script>" not in json.dumps(charts(test)), "hostile tokens reach the hover escaped"
+    before = test.dataframe[0].value
+    test.slider(key="spec-min-occurrences").set_value(1).run()
+    assert len(test.dataframe[0].value) >= len(before), "counting rarer tokens keeps every expert scored before"
+    test.radio(key="spec-analysis").set_value("coactivation").run()
+    assert titles(test) == ["Co-activation lift, layer 2"] and not test.dataframe
 
 
 def test_hostile_text_never_reaches_markdown(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<a href
            "[click](javascript:alert(1))", "\u202eevil \u05e9\u05dc\u05d5\u05dd", "long " + "x" * 3000]
 DRAWN_CHARTS_JS = """charts => [...document.querySelectorAll('.js-plotly-plot')]
     .filter(plot => plot.querySelector('.main-svg')).length >= charts"""
-PAGES = {"Runs": 1, "Expert load": 2, "Expert bias": 2, "Value residual": 2, "Attention": 1, "Specialisation": 3}
+PAGES = {"Runs": 1, "Expert load": 2, "Expert bias": 2, "Value residual": 2, "Attention": 1, "Specialisation": 1}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); the browser tests need it",
@@ -170,12 +170,15 @@ def test_clicking_cells_opens_their_drill_down(page: Page) -> None:
 
 
 def test_hostile_text_shows_as_text(page: Page, dialogs: list[str]) -> None:
-    open_page(page, "Specialisation", 3)
+    open_page(page, "Specialisation", 1)
     settled(page)
     labels = page.locator(".js-plotly-plot").first.locator(".ytick text").evaluate_all(
         "texts => texts.map(text => text.textContent)")
     assert "<script>alert(1)</script>" in labels
-    vocabulary = page.locator(".js-plotly-plot").nth(1).locator(".nsewdrag").first.bounding_box()
+    page.locator('[data-testid="stRadio"]').get_by_text("Vocabulary", exact=True).click()
+    page.get_by_text("Vocabulary specialisation, layer").wait_for()
+    settled(page)
+    vocabulary = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
     for expert in range(TINY.experts):
         page.mouse.move(vocabulary["x"] + vocabulary["width"] * (expert + 0.5) / TINY.experts,
                         vocabulary["y"] + vocabulary["height"] * 0.97)
