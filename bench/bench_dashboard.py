@@ -61,8 +61,8 @@ class PageSpec:
     drill: int = 0
 
 
-PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 2, True, drill=2),
-         PageSpec("Expert bias", "expert_bias", 2, True, drill=2),
+PAGES = [PageSpec("Runs", "", 1, False), PageSpec("Expert load", "expert_load", 1, True, drill=2),
+         PageSpec("Expert bias", "expert_bias", 1, True, drill=2),
          PageSpec("Value residual", "value_residual", 2, True), PageSpec("Attention", "attention", 1, True, drill=1),
          PageSpec("Specialisation", "specialisation", 1, True)]
 

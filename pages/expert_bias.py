@@ -1,5 +1,5 @@
-"""Expert bias: the bias per layer and expert at a step, one layer's biases over steps, drift against
-dithering per expert, and how often the bias changed the routing (override rate, map disagreement)."""
+"""Expert bias: the bias per layer and expert at a step, then on demand one layer's biases over steps, drift
+against dithering per expert, and how often the bias changed the routing (override rate, map disagreement)."""
 
 import streamlit as st
 
@@ -85,10 +85,14 @@ def layer_detail(reader: data.RunData, layer: int, steps: list[int], shape: deri
 
 
 def routing_view(reader: data.RunData) -> None:
-    """Bias override rate or aux-map disagreement per layer over steps, one at a time."""
-    stats = reader.get(queries.layer_stats)
+    """Bias override rate or aux-map disagreement per layer over steps, one at a time, drawn once one is picked."""
     column = st.radio("Per layer over steps", list(ROUTING_VIEWS), horizontal=True, key="bias-routing-view",
-                      format_func=lambda name: ROUTING_VIEWS[name][0])
+                      index=None, format_func=lambda name: ROUTING_VIEWS[name][0])
+    if column is None:
+        st.caption("Pick one to draw it for every MoE layer over steps: how often the bias changed the routing, "
+                   "or how far the map the aux loss balances is from the one tokens were dispatched by.")
+        return
+    stats = reader.get(queries.layer_stats)
     title, colorbar, caption = ROUTING_VIEWS[column]
     panels.chart(figures.layer_step_heatmap(stats.frame, column, title, colorbar),
                  stats.frame[["step", "layer", column]], key="bias-routing", calls=[stats.call], caption=caption)

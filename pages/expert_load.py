@@ -1,5 +1,5 @@
-"""Expert load: layer x expert load at a step, imbalance over steps against the noise floor, dead and
-starved experts, and one expert's history, top tokens and domains on click."""
+"""Expert load: layer x expert load at a step, dead and starved experts, and on demand imbalance over steps
+against the noise floor and (on click) one expert's history, top tokens and domains."""
 
 import streamlit as st
 
@@ -24,6 +24,23 @@ def top_k(reader: data.RunData, shape: derived.RunShape, probe_steps: list[int])
     if shape.topk is not None or not probe_steps:
         return shape.topk
     return derived.topk_from_probe(reader.get(queries.probe_routing, step=probe_steps[-1]).frame)
+
+
+def imbalance(reader: data.RunData, layer: int, metric: str, topk: int | None) -> None:
+    """One imbalance measure over steps: median, worst and the chosen layer, beside the noise floor."""
+    summary = reader.get(queries.load_summary)
+    floors = derived.noise_floors(summary.frame, topk) if topk else None
+    floor_call = f"app.derived.noise_floors(frame, topk={topk})  # analysis.metrics.noise_floor_*"
+    one_layer = reader.get(queries.load_imbalance, layer=layer)
+    panels.chart(figures.imbalance_over_steps(summary.frame, {layer: one_layer.frame}, floors, metric),
+                 summary.frame.merge(one_layer.frame[["step", metric]].rename(columns={metric: f"layer_{layer}"}),
+                                     on="step", how="left"),
+                 key="load-imbalance", calls=[summary.call, one_layer.call, floor_call],
+                 caption="MaxVio = max r - 1, CV = std/mean of the loads, normalised entropy H/ln E (1 = "
+                         "perfectly even). The dashed grey line is what perfectly uniform random routing shows "
+                         "at the same token count: values near it are noise, not imbalance.")
+    if floors is None:
+        st.info("The noise floor needs top-k, which this run's config and probe rows do not give.")
 
 
 @st.fragment(run_every=selection.live_every)
@@ -58,33 +75,25 @@ def expert_load() -> None:
                          "hover gives its range and a click opens its most unbalanced expert; the chosen layer's "
                          "row (outlined) then takes clicks and hovers expert by expert.")
 
-    summary = reader.get(queries.load_summary)
-    floors = derived.noise_floors(summary.frame, topk) if topk else None
     layers = sorted(int(layer) for layer in load.frame["layer"].unique())
     experts = sorted(int(expert) for expert in load.frame["expert"].unique())
     left, right = st.columns([3, 2])
     with left:
-        metric = st.radio("Imbalance measure", list(figures.METRIC_LABELS), horizontal=True, key="load-metric",
-                          format_func=figures.METRIC_LABELS.get)
         layer = panels.choose("Layer", layers, key=LAYER_KEY, default=layers[0],
                               help="The layer drawn beside the median and worst layer, and drilled into below.")
-        floor_call = f"app.derived.noise_floors(frame, topk={topk})  # analysis.metrics.noise_floor_*"
-        one_layer = reader.get(queries.load_imbalance, layer=layer)
-        panels.chart(figures.imbalance_over_steps(summary.frame, {layer: one_layer.frame}, floors, metric),
-                     summary.frame.merge(one_layer.frame[["step", metric]].rename(columns={metric: f"layer_{layer}"}),
-                                         on="step", how="left"),
-                     key="load-imbalance", calls=[summary.call, one_layer.call, floor_call],
-                     caption="MaxVio = max r - 1, CV = std/mean of the loads, normalised entropy H/ln E (1 = "
-                             "perfectly even). The dashed grey line is what perfectly uniform random routing shows "
-                             "at the same token count: values near it are noise, not imbalance.")
-        if floors is None:
-            st.info("The noise floor needs top-k, which this run's config and probe rows do not give.")
+        metric = st.radio("Imbalance over steps", list(figures.METRIC_LABELS), horizontal=True, key="load-metric",
+                          index=None, format_func=figures.METRIC_LABELS.get)
+        if metric is None:
+            st.caption("Pick a measure to draw it over steps for the median, the worst and the chosen layer, beside "
+                       "the noise floor of uniform routing.")
+        else:
+            imbalance(reader, layer, metric, topk)
     with right:
         starved = derived.starved_experts(load.frame)
         st.subheader("Dead and starved experts")
-        counts = st.columns(2)
-        counts[0].metric("Dead", int(starved["dead"].sum()), help="Experts with c = 0 at the shown step(s).")
-        counts[1].metric("Starved", len(starved), help="Experts below 10% of the fair share c̄, dead ones included.")
+        # A line of text, not two st.metric cells: one kind of element fewer for the browser to load.
+        st.markdown(f"**{int(starved['dead'].sum())}** dead (c = 0), **{len(starved)}** starved "
+                    "(below 10% of the fair share c̄, dead ones included)")
         st.dataframe(starved, hide_index=True, height=240, key="load-starved")
         expected = "" if not topk else (f" Uniform random routing at this token count would leave "
                                         f"{derived.expected_dead(load.frame, topk):.2g} dead experts per layer "

@@ -123,13 +123,16 @@ def test_step_slider_and_range_change_the_load_heatmap(store_root: Path, monkeyp
 
 def test_drill_down_follows_the_chosen_expert(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, "../pages/expert_load.py", run="tiny")
-    assert len(charts(test)) == 2 and test.selectbox(key="load-expert:tiny").value is None, "no drill-down yet"
+    assert len(charts(test)) == 1 and test.selectbox(key="load-expert:tiny").value is None, "no drill-down yet"
+    assert test.radio(key="load-metric").value is None, "no imbalance chart until a measure is picked"
     assert any("Click a cell of the heatmap" in caption.value for caption in test.caption)
+    assert "dead (c = 0)" in text_of(test)
     test.selectbox(key="load-layer:tiny").set_value(5)
     test.selectbox(key="load-expert:tiny").set_value(3).run()
-    assert "Layer 5, expert 3 over steps" in titles(test)
-    assert "layer 5" in {trace["name"] for trace in charts(test)[1]["data"]}
-    assert "noise floor (uniform routing)" in {trace["name"] for trace in charts(test)[1]["data"]}
+    assert titles(test)[1:2] == ["Layer 5, expert 3 over steps"]
+    test.radio(key="load-metric").set_value("cv").run()
+    assert titles(test)[1] == "CV over steps"
+    assert {"layer 5", "noise floor (uniform routing)"} <= {trace["name"] for trace in charts(test)[1]["data"]}
     tables = [table.value for table in test.dataframe]
     assert any(set(table.columns) == {"token_id", "token_text", "count", "share", "mean_gate"} for table in tables)
     queries_shown = "\n".join(text.value for text in test.text)
@@ -148,9 +151,10 @@ def test_summed_load_matches_the_per_step_rows(store_root: Path) -> None:
 
 def test_bias_page_follows_the_chosen_layer(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, "../pages/expert_bias.py", run="tiny")
-    assert titles(test) == ["Bias at step 24", "Bias override rate"], "the layer's drill-down waits for a pick"
+    assert titles(test) == ["Bias at step 24"], "the layer's drill-down and the routing view wait for a pick"
     test.selectbox(key="bias-layer:tiny").set_value(6).run()
     assert {"Layer 6: bias over steps", "Layer 6: drift or dithering per expert"} <= set(titles(test))
+    test.radio(key="bias-routing-view").set_value("bias_override_rate").run()
     assert "Bias override rate" in titles(test) and "Aux-loss map vs dispatched" not in titles(test)
     test.radio(key="bias-routing-view").set_value("aux_map_disagreement").run()
     assert "Aux-loss map vs dispatched" in titles(test) and "Bias override rate" not in titles(test)

@@ -27,7 +27,7 @@ HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<a href
            "[click](javascript:alert(1))", "\u202eevil \u05e9\u05dc\u05d5\u05dd", "long " + "x" * 3000]
 DRAWN_CHARTS_JS = """charts => [...document.querySelectorAll('.js-plotly-plot')]
     .filter(plot => plot.querySelector('.main-svg')).length >= charts"""
-PAGES = {"Runs": 1, "Expert load": 2, "Expert bias": 2, "Value residual": 2, "Attention": 1, "Specialisation": 1}
+PAGES = {"Runs": 1, "Expert load": 1, "Expert bias": 1, "Value residual": 2, "Attention": 1, "Specialisation": 1}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); the browser tests need it",
@@ -153,16 +153,25 @@ def click_cell(page: Page, chart: int, column: float, row: float) -> None:
     page.mouse.click(area["x"] + area["width"] * column, area["y"] + area["height"] * row)
 
 
+def pick_radio(page: Page, label: str) -> None:
+    """Pick the radio option `label` (the caller waits for what it draws)."""
+    page.locator('[data-testid="stRadio"]').get_by_text(label, exact=True).click()
+
+
 def test_clicking_cells_opens_their_drill_down(page: Page) -> None:
-    open_page(page, "Expert load", 2)
+    open_page(page, "Expert load", 1)
     settled(page)
     experts, layers = TINY.experts, len(TINY.moe_layers)
     click_cell(page, 0, (3 + 0.5) / experts, (5 - 2 + 0.5) / layers)
     page.get_by_text("Layer 5, expert 3 over steps").wait_for()
-    open_page(page, "Expert bias", 2)
+    pick_radio(page, "MaxVio")
+    page.get_by_text("MaxVio over steps").wait_for()
+    open_page(page, "Expert bias", 1)
     settled(page)
     click_cell(page, 0, 0.8, (6 - 2 + 0.5) / layers)
     page.get_by_text("Layer 6: bias over steps").wait_for()
+    pick_radio(page, "Bias override rate")
+    page.locator(".gtitle").filter(has_text="Bias override rate").wait_for()
     open_page(page, "Attention", 1)
     settled(page)
     click_cell(page, 0, (2 + 0.5) / TINY.heads, (4 - 1 + 0.5) / TINY.layers)
@@ -175,9 +184,8 @@ def test_hostile_text_shows_as_text(page: Page, dialogs: list[str]) -> None:
     labels = page.locator(".js-plotly-plot").first.locator(".ytick text").evaluate_all(
         "texts => texts.map(text => text.textContent)")
     assert "<script>alert(1)</script>" in labels
-    page.locator('[data-testid="stRadio"]').get_by_text("Vocabulary", exact=True).click()
+    pick_radio(page, "Vocabulary")
     page.get_by_text("Vocabulary specialisation, layer").wait_for()
-    settled(page)
     vocabulary = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
     for expert in range(TINY.experts):
         page.mouse.move(vocabulary["x"] + vocabulary["width"] * (expert + 0.5) / TINY.experts,
