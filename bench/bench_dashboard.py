@@ -259,7 +259,9 @@ def rerun(page: Page, spec: PageSpec, key: str) -> tuple[float, float]:
 
 def drill_down(page: Page, spec: PageSpec, row: float) -> float:
     """Click the first heatmap at `row` (a fraction of its height) in the middle; seconds until the script run
-    is over and the drill-down's charts are drawn."""
+    is over and the drill-down's charts are drawn. The click waits half a second, as a person would: a click
+    that lands while plotly is still redrawing the heatmap is lost, and the bench would wait for nothing."""
+    page.wait_for_timeout(500)
     area = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
     page.evaluate(WATCH_JS)
     since = page.evaluate("() => performance.now()")
