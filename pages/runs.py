@@ -63,7 +63,8 @@ def curves() -> None:
 
 curves()
 
-with st.expander("Config and provenance of the chosen run"):
+# A popover draws its JSON only when opened; inside an expander it was drawn, folded, on every page load.
+with st.popover("Config and provenance of the chosen run", icon=":material/data_object:"):
     manifest = selection.run_data().manifest()
     st.json(manifest.get("config", {}), expanded=2)
     st.json({key: value for key, value in manifest.items() if key != "config"}, expanded=1)

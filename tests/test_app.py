@@ -104,6 +104,14 @@ def test_run_picker_changes_what_the_runs_page_shows(store_root: Path, monkeypat
     assert metrics["Last step"] == "3" and metrics["Status"] == "incomplete"
 
 
+def test_runs_page_shows_the_config_and_provenance(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    test = app(store_root, monkeypatch, run="tiny")
+    config, provenance = (element.value for element in test.json)
+    manifest = Store(store_root).manifest("tiny")
+    assert json.loads(config) == manifest["config"]
+    assert json.loads(provenance)["description"] == manifest["description"]
+
+
 def test_comparison_overlays_a_second_run(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test = app(store_root, monkeypatch, run="tiny")
     assert {trace["name"] for trace in charts(test)[0]["data"]} == {"tiny", "tiny eval"}

@@ -147,6 +147,17 @@ def test_every_page_draws_its_charts_and_no_hostile_markup(page: Page, dialogs: 
     assert dialogs == []
 
 
+def test_runs_page_opens_the_config_and_provenance(page: Page, dialogs: list[str]) -> None:
+    open_page(page, "Runs", 1)
+    settled(page)
+    page.get_by_role("button", name="Config and provenance of the chosen run").click()
+    popover = page.locator('[data-testid="stPopoverBody"]')
+    popover.locator('[data-testid="stJson"]').first.wait_for()
+    popover.get_by_text("config_hash", exact=False).first.wait_for()
+    assert injected(page) == {"images": 0, "scripts": 0, "links": 0} and dialogs == []
+    page.keyboard.press("Escape")
+
+
 def click_cell(page: Page, chart: int, column: float, row: float) -> None:
     """Click a heatmap at fractions (column, row) of its plot area, from the top left."""
     area = page.locator(".js-plotly-plot").nth(chart).locator(".nsewdrag").first.bounding_box()
