@@ -424,7 +424,7 @@ def head_grid(stats: pd.DataFrame, metric: str, title: str) -> go.Figure:
     # Labelling every layer costs the browser more than the whole grid; outlines and hover carry the kind.
     figure.update_xaxes(title_text="head", dtick=1)
     figure.update_yaxes(title_text="layer (outlined: global attention)", autorange="reversed")
-    return _layout(figure, title, height=max(320, min(1100, 60 + 12 * len(layers))), **SELECTABLE)
+    return _layout(figure, title, height=max(320, min(900, 60 + 9 * len(layers))), **SELECTABLE)
 
 
 def attention_pattern(pattern: pd.DataFrame, tokens: Sequence[str], window: int | None, title: str) -> go.Figure:

@@ -44,14 +44,15 @@ def selected_cell(key: str) -> tuple[int, int] | None:
     return None if point is None else (round(point["x"]), round(point["y"]))
 
 
-def step_picker(steps: Sequence[int], *, key: str, label: str = "Step", follow: bool = True) -> int:
-    """Pick one recorded step with a slider (snapped to a recorded step); while `Follow the latest step`
-    is on, the newest step is shown and the slider rests. `steps` ascending, not empty."""
+def step_picker(steps: Sequence[int], *, key: str, label: str = "Step", live: bool = False) -> int:
+    """Pick one recorded step with a slider (snapped to a recorded step). A `live` run (still recording) also
+    gets `Follow the latest step`, on at first: while it is on, the newest step is shown and the slider rests.
+    A finished run gets the slider alone, at its last step. `steps` ascending, not empty."""
     if len(steps) == 1:
         st.caption(f"One step recorded: {steps[0]}")
         return steps[0]
-    following = st.toggle("Follow the latest step", value=follow, key=f"{key}-follow",
-                          help="Keep showing the newest recorded step while the run records.")
+    following = live and st.toggle("Follow the latest step", value=True, key=f"{key}-follow",
+                                   help="Keep showing the newest recorded step while the run records.")
     if following or st.session_state.get(key) is None:
         st.session_state[key] = steps[-1]
     st.session_state[key] = min(max(st.session_state[key], steps[0]), steps[-1])

@@ -34,7 +34,7 @@ def attention() -> None:
     if not steps:
         st.info("This run has recorded no attention statistics yet.")
         return
-    step = panels.step_picker(steps, key=f"attn-step:{run}", follow=selection.status == "running")
+    step = panels.step_picker(steps, key=f"attn-step:{run}", live=selection.status == "running")
     metric = st.radio("Colour by", list(figures.HEAD_METRIC_LABELS), horizontal=True, key="attn-metric",
                       format_func=figures.HEAD_METRIC_LABELS.get)
     stats = reader.get(queries.attention_stats, step=step)

@@ -40,7 +40,7 @@ def expert_bias() -> None:
         st.info("This run has recorded no expert bias yet.")
         return
     shape = derived.run_shape(reader.manifest().get("config", {}))
-    step = panels.step_picker(steps, key=f"bias-step:{run}", follow=selection.status == "running")
+    step = panels.step_picker(steps, key=f"bias-step:{run}", live=selection.status == "running")
     bias = reader.get(queries.expert_bias, step=step)
     panels.chart(figures.bias_heatmap(bias.frame, f"Bias at step {step}"), bias.frame, key=HEATMAP_KEY,
                  on_select=pick_layer, calls=[bias.call],

@@ -64,7 +64,7 @@ def expert_load() -> None:
             load = reader.get(data.summed_expert_load, step_range=(first, last))
             step, title = last, f"Relative load, steps {first} to {last} summed"
         else:
-            step = panels.step_picker(steps, key=f"load-step:{run}", follow=selection.status == "running")
+            step = panels.step_picker(steps, key=f"load-step:{run}", live=selection.status == "running")
             load = reader.get(queries.expert_load, step=step)
             title = f"Relative load at step {step}"
     panels.chart(figures.load_heatmap(load.frame, title, layer=st.session_state.get(LAYER_KEY)), load.frame,

@@ -58,7 +58,7 @@ def specialisation() -> None:
     if not steps:
         st.info("No probe routing was recorded for this run yet; specialisation is computed from the probe set.")
         return
-    step = panels.step_picker(steps, key=f"spec-step:{run}", follow=selection.status == "running",
+    step = panels.step_picker(steps, key=f"spec-step:{run}", live=selection.status == "running",
                               label="Probe step")
     every_layer = reader.get(queries.probe_routing, step=step)
     layers = sorted(int(layer) for layer in every_layer.frame["layer"].unique())

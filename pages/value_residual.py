@@ -22,7 +22,7 @@ def value_residual() -> None:
         return
     steps = sorted(int(step) for step in frame["step"].unique())
     layers = sorted(int(layer) for layer in frame["layer"].unique())
-    step = panels.step_picker(steps, key=f"lambda-step:{run}", follow=selection.status == "running")
+    step = panels.step_picker(steps, key=f"lambda-step:{run}", live=selection.status == "running")
     latest = frame[frame["step"] == step]
     panels.chart(figures.lambda_bars(latest, step), latest, key="lambda-bars", calls=[lambdas.call],
                  caption="Lambda per layer at the chosen step. A layer's attention uses lambda x its own values "

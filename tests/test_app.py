@@ -148,6 +148,19 @@ def test_drill_down_follows_the_chosen_expert(store_root: Path, monkeypatch: pyt
     assert "queries.expert_top_tokens(store, 'tiny', layer=5, expert=3" in queries_shown
 
 
+def test_only_a_recording_run_offers_to_follow_the_latest_step(store_root: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    finished = app(store_root, monkeypatch, "../pages/expert_bias.py", run="tiny")
+    assert not [toggle for toggle in finished.toggle if toggle.key == "bias-step:tiny-follow"]
+    assert finished.slider(key="bias-step:tiny").value == 24 and not finished.slider(key="bias-step:tiny").disabled
+    live = app(store_root, monkeypatch, "../pages/expert_bias.py", run="live")
+    assert live.toggle(key="bias-step:live-follow").value is True
+    assert live.slider(key="bias-step:live").value == 5 and live.slider(key="bias-step:live").disabled
+    live.toggle(key="bias-step:live-follow").set_value(False).run()
+    live.slider(key="bias-step:live").set_value(2).run()
+    assert titles(live)[0] == "Bias at step 2"
+
+
 def test_summed_load_matches_the_per_step_rows(store_root: Path) -> None:
     store = Store(store_root)
     summed = data.summed_expert_load(store, "tiny", (3, 9))
