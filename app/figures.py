@@ -417,10 +417,11 @@ def head_grid(stats: pd.DataFrame, metric: str, title: str) -> go.Figure:
                                   colorbar={"title": {"text": HEAD_METRIC_LABELS[metric]}}))
     figure.add_trace(_cell_targets(heads, layers, "layer %{y} (%{customdata[0]}), head %{x}<br>"
                                    f"{HEAD_METRIC_LABELS[metric]} %{{customdata[1]:.3g}}<extra></extra>", custom))
-    # All outlines in one update: add_shape one by one validates every shape again each time (0.2 s for 20).
-    figure.update_layout(shapes=[{"type": "rect", "x0": heads[0] - 0.5, "x1": heads[-1] + 0.5, "y0": layer - 0.5,
-                                  "y1": layer + 0.5, "line": {"color": "black", "width": 2}}
-                                 for layer in layers[kinds == "global"]])
+    # Every outline in one SVG path: a shape per global layer took plotly 25 ms more per draw (20 layers).
+    left, right = heads[0] - 0.5, heads[-1] + 0.5
+    outlines = " ".join(f"M{left},{layer - 0.5}H{right}V{layer + 0.5}H{left}Z" for layer in layers[kinds == "global"])
+    if outlines:
+        figure.add_shape(type="path", path=outlines, line={"color": "black", "width": 2})
     # Labelling every layer costs the browser more than the whole grid; outlines and hover carry the kind.
     figure.update_xaxes(title_text="head", dtick=1)
     figure.update_yaxes(title_text="layer (outlined: global attention)", autorange="reversed")

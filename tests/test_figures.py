@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -273,8 +275,11 @@ def head_stats(layers: int = 8, heads: int = 4) -> pd.DataFrame:
 def test_head_grid_marks_global_layers_from_the_kind_column() -> None:
     figure = figures.head_grid(head_stats(), "entropy", "heads")
     assert trace_types(figure) == ["heatmap", "scatter"]
-    assert len(figure.layout.shapes) == 2
-    assert sorted(shape.y0 + 0.5 for shape in figure.layout.shapes) == [4, 8]
+    (outlines,) = figure.layout.shapes
+    rectangles = re.findall(r"M(-?[\d.]+),(-?[\d.]+)H(-?[\d.]+)V(-?[\d.]+)H(-?[\d.]+)Z", outlines.path)
+    assert [tuple(float(value) for value in rectangle) for rectangle in rectangles] == [
+        (-0.5, 3.5, 3.5, 4.5, -0.5), (-0.5, 7.5, 3.5, 8.5, -0.5)], "one rectangle around each global layer"
+    assert not figures.head_grid(head_stats(layers=3), "entropy", "no global layer").layout.shapes
     assert figure.layout.xaxis.title.text == "head"
 
 
