@@ -1,4 +1,5 @@
-"""The shared sidebar (store folder, run picker, refresh interval) and the selection it hands to pages.
+"""The shared sidebar (store folder, run picker, and the refresh interval while some run records) and the
+selection it hands to pages.
 
 `?run=ID&refresh=SECONDS` in the address pick the initial run and refresh interval, so a link can
 open a page on a given run.
@@ -19,6 +20,7 @@ from app import data
 from app.serve import STORE_ENV
 
 CONTEXT_KEY = "vpmoe_context"
+REFRESH_KEY = "refresh-choice"
 REFRESH_CHOICES: dict[str, float | None] = {"off": None, "1 s": 1.0, "2 s": 2.0, "5 s": 5.0, "10 s": 10.0,
                                             "30 s": 30.0}
 DEFAULT_REFRESH = "5 s"
@@ -111,9 +113,14 @@ def draw_sidebar() -> Context:
     wanted_refresh = next((label for label, seconds in REFRESH_CHOICES.items()
                            if seconds is not None and str(st.query_params.get("refresh")) in (label, f"{seconds:g}")),
                           None)
-    _initial(list(REFRESH_CHOICES), "refresh", wanted_refresh, DEFAULT_REFRESH)
-    refresh = sidebar.selectbox("Refresh a running run every", list(REFRESH_CHOICES), key="refresh",
-                                help="How often the live parts of a page re-read a run that is still recording.")
+    _initial(list(REFRESH_CHOICES), REFRESH_KEY, wanted_refresh, DEFAULT_REFRESH)
+    if (runs["status"] == "running").any():
+        # Streamlit drops a widget's state while it is not drawn, so the choice lives under a key of its own.
+        st.session_state.setdefault("refresh", st.session_state[REFRESH_KEY])
+        sidebar.selectbox("Refresh a running run every", list(REFRESH_CHOICES), key="refresh",
+                          on_change=lambda: st.session_state.update({REFRESH_KEY: st.session_state["refresh"]}),
+                          help="How often the live parts of a page re-read a run that is still recording.")
+    refresh = st.session_state[REFRESH_KEY]
     context = Context(root=root, runs=runs, run=run, refresh_s=REFRESH_CHOICES[refresh], problem=problem,
                       detail=detail)
     st.session_state[CONTEXT_KEY] = context

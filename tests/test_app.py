@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis import queries
 from analysis.store import RunWriter, Store
-from app import data, serve
+from app import data, serve, state
 from app.serve import STORE_ENV
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
@@ -93,6 +93,23 @@ def test_sidebar_shows_the_store_and_every_run(store_root: Path, monkeypatch: py
         ("tiny", "complete"), ("live", "running"), ("killed", "incomplete"), ("no-steps", "running")]}
     table = test.dataframe[0].value
     assert set(table["run_id"]) == {"tiny", "other", "one-step", "live", "killed", "no-steps"}
+
+
+def test_refresh_interval_is_offered_while_a_run_records(store_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    test = app(store_root, monkeypatch, "../pages/expert_bias.py", run="live")
+    assert test.selectbox(key="refresh").value == state.DEFAULT_REFRESH
+    assert test.session_state[state.CONTEXT_KEY].live_every == 5.0
+    test.selectbox(key="refresh").set_value("1 s").run()
+    assert test.session_state[state.CONTEXT_KEY].live_every == 1.0
+    test.selectbox(key="run").set_value("tiny").run()
+    assert test.session_state[state.CONTEXT_KEY].live_every is None, "a finished run does not refresh"
+    assert test.selectbox(key="refresh").value == "1 s", "kept while another run records"
+    finished = Store(tmp_path)
+    build_run(finished, "done", 3)
+    quiet = app(tmp_path, monkeypatch, run="done")
+    assert "refresh" not in [box.key for box in quiet.selectbox], "nothing records: nothing to refresh"
+    assert quiet.session_state[state.CONTEXT_KEY].refresh_s == 5.0, "the run table still looks for new runs"
 
 
 def test_run_picker_changes_what_the_runs_page_shows(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
