@@ -94,7 +94,9 @@ def expert_load() -> None:
         # A line of text, not two st.metric cells: one kind of element fewer for the browser to load.
         st.markdown(f"**{int(starved['dead'].sum())}** dead (c = 0), **{len(starved)}** starved "
                     "(below 10% of the fair share c̄, dead ones included)")
-        st.dataframe(starved, hide_index=True, height=240, key="load-starved")
+        # In a popover the table is drawn when opened, not on every load of the page.
+        with st.popover("List them", icon=":material/table_rows:", disabled=starved.empty):
+            st.dataframe(starved, hide_index=True, height=240, key="load-starved")
         expected = "" if not topk else (f" Uniform random routing at this token count would leave "
                                         f"{derived.expected_dead(load.frame, topk):.2g} dead experts per layer "
                                         "(E (1 - K/E)^T): a dead expert means little unless that is far below 1.")

@@ -152,6 +152,8 @@ def test_drill_down_follows_the_chosen_expert(store_root: Path, monkeypatch: pyt
     assert test.radio(key="load-metric").value is None, "no imbalance chart until a measure is picked"
     assert any("Click a cell of the heatmap" in caption.value for caption in test.caption)
     assert "dead (c = 0)" in text_of(test)
+    starved = next(table.value for table in test.dataframe if "dead" in table.value.columns)
+    assert len(starved) and (starved["relative_load"] < 0.1).all(), "the popover lists the starved experts"
     test.selectbox(key="load-layer:tiny").set_value(5)
     test.selectbox(key="load-expert:tiny").set_value(3).run()
     assert titles(test)[1:2] == ["Layer 5, expert 3 over steps"]
