@@ -342,6 +342,10 @@ def measure(url: str, repeats: int, incognito: bool) -> list[list[str]]:
     return rows
 
 
+# The view each screenshot shows besides a page's summary and drill-down (a radio that starts empty).
+SHOWN_VIEWS = {"Expert load": "MaxVio", "Expert bias": "Bias override rate"}
+
+
 def screenshots(url: str, out: Path) -> None:
     """A full-page screenshot of every page of the demo store, with a drill-down opened where there is one."""
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +364,11 @@ def screenshots(url: str, out: Path) -> None:
                 since = page.evaluate("() => performance.now()")
                 page.mouse.click(area["x"] + area["width"] * 0.3, area["y"] + area["height"] * 0.55)
                 page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill])
+            if spec.title in SHOWN_VIEWS:  # the page's second view, drawn once picked
+                page.evaluate(WATCH_JS)
+                since = page.evaluate("() => performance.now()")
+                page.locator('[data-testid="stRadio"]').get_by_text(SHOWN_VIEWS[spec.title], exact=True).click()
+                page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill + 1])
             page.wait_for_timeout(800)
             height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
             page.set_viewport_size({"width": 1400, "height": min(4000, height + 40)})
