@@ -31,9 +31,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from playwright.sync_api import BrowserContext, Page, Playwright, Request, sync_playwright
@@ -247,12 +248,20 @@ def load(page: Page, url: str, spec: PageSpec) -> float:
     return page.evaluate(NEXT_FRAME_JS) / 1e3
 
 
-def rerun(page: Page, spec: PageSpec, key: str) -> tuple[float, float]:
-    """Press `key` on the step slider; seconds until the server's script run ended, and until drawn again."""
+def rerun_after(page: Page, action: Callable[[], None], charts: int) -> float:
+    """Do `action` (a click, a key press) and wait until the script run it starts is over with `charts` charts
+    drawn; returns when the action began (performance.now(), ms)."""
     page.evaluate(WATCH_JS)
     since = page.evaluate("() => performance.now()")
-    page.locator('[data-testid="stSlider"] input[type="range"]').first.press(key)
-    page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts], timeout=120_000)
+    action()
+    page.wait_for_function(RERUN_DONE_JS, arg=[since, charts], timeout=120_000)
+    return since
+
+
+def rerun(page: Page, spec: PageSpec, key: str) -> tuple[float, float]:
+    """Press `key` on the step slider; seconds until the server's script run ended, and until drawn again."""
+    slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
+    since = rerun_after(page, partial(slider.press, key), spec.charts)
     drawn = page.evaluate(NEXT_FRAME_JS)
     ended = page.evaluate(SCRIPT_ENDED_JS, since)
     return (ended - since) / 1e3, (drawn - since) / 1e3
@@ -264,10 +273,8 @@ def drill_down(page: Page, spec: PageSpec, row: float) -> float:
     that lands while plotly is still redrawing the heatmap is lost, and the bench would wait for nothing."""
     page.wait_for_timeout(500)
     area = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
-    page.evaluate(WATCH_JS)
-    since = page.evaluate("() => performance.now()")
-    page.mouse.click(area["x"] + area["width"] * 0.5, area["y"] + area["height"] * row)
-    page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill], timeout=120_000)
+    click = partial(page.mouse.click, area["x"] + area["width"] * 0.5, area["y"] + area["height"] * row)
+    since = rerun_after(page, click, spec.charts + spec.drill)
     return (page.evaluate(NEXT_FRAME_JS) - since) / 1e3
 
 
@@ -358,17 +365,13 @@ def screenshots(url: str, out: Path) -> None:
                 page.locator('[data-testid="stSelectbox"]').filter(has_text="Compare with").click()
                 page.get_by_role("option", name="demo-higher-lr").click()
                 page.wait_for_function(DRAWN_JS, arg=spec.charts)
-            if spec.title in ("Expert load", "Expert bias", "Attention"):
+            if spec.drill:
                 area = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first.bounding_box()
-                page.evaluate(WATCH_JS)
-                since = page.evaluate("() => performance.now()")
-                page.mouse.click(area["x"] + area["width"] * 0.3, area["y"] + area["height"] * 0.55)
-                page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill])
+                click = partial(page.mouse.click, area["x"] + area["width"] * 0.3, area["y"] + area["height"] * 0.55)
+                rerun_after(page, click, spec.charts + spec.drill)
             if spec.title in SHOWN_VIEWS:  # the page's second view, drawn once picked
-                page.evaluate(WATCH_JS)
-                since = page.evaluate("() => performance.now()")
-                page.locator('[data-testid="stRadio"]').get_by_text(SHOWN_VIEWS[spec.title], exact=True).click()
-                page.wait_for_function(RERUN_DONE_JS, arg=[since, spec.charts + spec.drill + 1])
+                view = page.locator('[data-testid="stRadio"]').get_by_text(SHOWN_VIEWS[spec.title], exact=True)
+                rerun_after(page, view.click, spec.charts + spec.drill + 1)
             page.wait_for_timeout(800)
             height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
             page.set_viewport_size({"width": 1400, "height": min(4000, height + 40)})
