@@ -30,14 +30,14 @@ DIVERGING = "RdBu_r"
 RATIO_COLOURS = {"colorscale": DIVERGING, "zmin": 0.0, "zmax": 2.0}
 SEQUENTIAL = "Viridis"
 # Clicks on a heatmap cell reach Streamlit only through a point trace (plotly heatmaps send no
-# selection data), so selectable heatmaps carry one invisible marker per cell.
+# selection data), so selectable heatmaps carry a point per cell (_cell_targets) or a bar per row (_row_targets).
 INVISIBLE = {"opacity": 0}
-# A click anywhere in a cell picks that cell's marker: with no hover distance cut-off the nearest centre wins.
+# A click anywhere in a cell picks that cell's point: with no hover distance cut-off the nearest centre wins.
 SELECTABLE = {"clickmode": "event+select", "hoverdistance": -1}
 # Row targets (_row_targets) need plotly's default hover distance: with none, every bar is as near as any other.
 ROW_SELECTABLE = {"clickmode": "event+select"}
-# Bigger grids click by row (_row_targets), not by cell.
-SVG_CELL_LIMIT = 2000
+# Bigger grids click by row (_row_targets), not by cell: a point per cell costs bytes and hover search.
+CELL_TARGET_LIMIT = 2000
 # The widest margin text tick labels get (longer labels are cut by plotly's clipping, hover has them whole).
 MAX_LABEL_MARGIN = 260
 # Heatmaps over steps keep at most this many step columns (a chart is about 1000 px wide; more only costs bytes).
@@ -110,16 +110,13 @@ def _matrix(frame: pd.DataFrame, rows: str, columns: str, value: str) -> tuple[n
     return means.reshape(len(row_labels), len(column_labels)).astype(np.float32), row_labels, column_labels
 
 
-def _cell_targets(x: np.ndarray, y: np.ndarray, hovertemplate: str,
-                  customdata: np.ndarray | None = None) -> go.Scatter | go.Scattergl:
-    """An invisible marker on every cell centre so that clicking a cell selects it; WebGL above
-    SVG_CELL_LIMIT cells, where one SVG element per cell makes drawing and hovering slow (big layer x
-    expert grids click through _block_targets instead)."""
+def _cell_targets(x: np.ndarray, y: np.ndarray, hovertemplate: str, customdata: np.ndarray | None = None) -> go.Scatter:
+    """A point on every cell centre so that clicking a cell selects it. Text mode with no text: plotly draws
+    nothing for such a point, yet hovers and selects it like a marker; an invisible marker per cell cost 40 ms
+    per draw on the 80 x 8 head grid (styled one by one), and Streamlit draws each chart twice per page load."""
     xx, yy = np.meshgrid(x, y)
-    trace = go.Scattergl if xx.size > SVG_CELL_LIMIT else go.Scatter
-    return trace(x=xx.ravel(), y=yy.ravel(), mode="markers", name="cells", showlegend=False,
-                 marker={"size": 8, **INVISIBLE}, selected={"marker": INVISIBLE}, unselected={"marker": INVISIBLE},
-                 hovertemplate=hovertemplate, customdata=customdata)
+    return go.Scatter(x=xx.ravel(), y=yy.ravel(), mode="text", name="cells", showlegend=False,
+                      hovertemplate=hovertemplate, customdata=customdata)
 
 
 def _cell_range(x: np.ndarray) -> list[float]:
@@ -222,7 +219,7 @@ def load_heatmap(load: pd.DataFrame, title: str, layer: int | None = None) -> go
         figure.add_trace(_row_targets(z, experts, layers, "mean relative load of pooled experts", centre=1.0,
                                       value_format=".2f"))
     else:
-        exact = layers if z.size <= SVG_CELL_LIMIT else layers[layers == layer]
+        exact = layers if z.size <= CELL_TARGET_LIMIT else layers[layers == layer]
         if len(exact) < len(layers):
             figure.add_trace(_row_targets(z, experts, layers, "relative load", centre=1.0, value_format=".2f",
                                           skip_row=layer))

@@ -281,6 +281,9 @@ def test_head_grid_marks_global_layers_from_the_kind_column() -> None:
         (-0.5, 3.5, 3.5, 4.5, -0.5), (-0.5, 7.5, 3.5, 8.5, -0.5)], "one rectangle around each global layer"
     assert not figures.head_grid(head_stats(layers=3), "entropy", "no global layer").layout.shapes
     assert figure.layout.xaxis.title.text == "head"
+    cells = figure.data[1]
+    assert sorted(zip(cells.y, cells.x, strict=True)) == [(layer, head) for layer in range(1, 9) for head in range(4)]
+    assert cells.mode == "text" and cells.text is None, "a clickable point per cell that draws nothing"
 
 
 def pattern(size: int) -> pd.DataFrame:
