@@ -1,4 +1,5 @@
-"""Serve the dashboard: `streamlit run app/main.py` on one store folder, with locked-down server settings.
+"""Serve the dashboard: `streamlit run app/asgi.py` (app/main.py behind app.page_hints) on one store folder,
+with locked-down server settings.
 
 The store folder reaches the app through the VPMOE_STORE environment variable of the server process;
 the app reads nothing else. Bound to 127.0.0.1 by default; Host headers are checked against
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 STORE_ENV = "VPMOE_STORE"
-MAIN = Path(__file__).resolve().with_name("main.py")
+ENTRY = Path(__file__).resolve().with_name("asgi.py")
 WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -36,7 +37,7 @@ def streamlit_command(host: str = "127.0.0.1", port: int = 8501, headless: bool 
         "server.enableXsrfProtection": "true", "server.enableCORS": "true", "server.fileWatcherType": "none",
         "server.runOnSave": "false", "browser.gatherUsageStats": "false", "client.toolbarMode": "viewer",
     }
-    command = [sys.executable, "-m", "streamlit", "run", str(MAIN)]
+    command = [sys.executable, "-m", "streamlit", "run", str(ENTRY)]
     for name, value in flags.items():
         command += [f"--{name}", value]
     for name in allowed_hosts(host):

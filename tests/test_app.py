@@ -268,7 +268,7 @@ def test_a_missing_store_folder_is_not_created(tmp_path: Path, monkeypatch: pyte
 def test_serve_locks_the_server_down() -> None:
     command = serve.streamlit_command("127.0.0.1", 8600, headless=True)
     flags = dict(zip(command[5::2], command[6::2], strict=True))
-    assert command[1:5] == ["-m", "streamlit", "run", str(serve.MAIN)]
+    assert command[1:5] == ["-m", "streamlit", "run", str(serve.ENTRY)]
     assert flags["--server.address"] == "127.0.0.1" and flags["--server.port"] == "8600"
     assert flags["--server.enableXsrfProtection"] == flags["--server.enableCORS"] == "true"
     assert flags["--browser.gatherUsageStats"] == "false" and flags["--server.fileWatcherType"] == "none"
@@ -285,7 +285,7 @@ def test_serve_refuses_a_file_as_the_store(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_the_app_imports_neither_torch_nor_the_model() -> None:
-    check = ("import sys, app.data, app.derived, app.figures, app.panels, app.serve, app.state; "
+    check = ("import sys, app.data, app.derived, app.figures, app.page_hints, app.panels, app.serve, app.state; "
              "loaded = {'torch', 'vpmoe'} & {name.split('.')[0] for name in sys.modules}; "
              "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

@@ -158,6 +158,23 @@ def test_runs_page_opens_the_config_and_provenance(page: Page, dialogs: list[str
     page.keyboard.press("Escape")
 
 
+def test_a_page_opened_by_its_address_connects_without_probing(browser: Browser, server: str) -> None:
+    context = browser.new_context(viewport={"width": 1400, "height": 1600})
+    tab = context.new_page()
+    requests: list[str] = []
+    tab.on("request", lambda request: requests.append(request.url))
+    tab.goto(f"{server}/expert_bias?run=tiny")
+    tab.locator("h1").filter(has_text="Expert bias").wait_for()
+    tab.wait_for_function(DRAWN_CHARTS_JS, arg=1)
+    assert f"{server}/_stcore/health" in requests
+    assert not [url for url in requests if "/expert_bias/_stcore/" in url], "the page's own path was probed"
+    preloaded = tab.evaluate("() => [...document.querySelectorAll('link[rel=modulepreload]')].map(link => link.href)")
+    assert [url for url in preloaded if "/static/js/PlotlyChart." in url]
+    open_page(tab, "Attention", 1)
+    assert tab.url.split("?")[0] == f"{server}/attention", "page addresses stay relative to the server's root"
+    context.close()
+
+
 def click_cell(page: Page, chart: int, column: float, row: float) -> None:
     """Click a heatmap at fractions (column, row) of its plot area, from the top left."""
     area = page.locator(".js-plotly-plot").nth(chart).locator(".nsewdrag").first.bounding_box()
