@@ -9,7 +9,8 @@ from starlette.middleware import Middleware
 from streamlit import config
 from streamlit.file_util import get_static_dir
 
-from app.page_hints import PageHints, head_hints, plotly_bundle
+from app.page_hints import PageHints, plotly_bundle
 
-hints = head_hints(config.get_option("server.baseUrlPath"), plotly_bundle(Path(get_static_dir())))
-app = st.App(str(Path(__file__).resolve().with_name("main.py")), middleware=[Middleware(PageHints, hints=hints)])
+hints = Middleware(PageHints, base_url_path=config.get_option("server.baseUrlPath"),
+                   bundle=plotly_bundle(Path(get_static_dir())))
+app = st.App(str(Path(__file__).resolve().with_name("main.py")), middleware=[hints])

@@ -1,9 +1,11 @@
 """Two hints put first in the <head> of the HTML page Streamlit answers every page address with, so that a
 page opened by its own address (a bookmark, a reload, a link) draws sooner:
 
-- where the server is (`window.__streamlit.BACKEND_BASE_URL`, which Streamlit's front end reads before it
-  connects). Without it the front end of `/expert_load` first asks `/expert_load/_stcore/health`, gets the
-  404 that Streamlit answers on purpose, waits 100 ms and asks `/_stcore/health`.
+- where the server's root is (`window.__streamlit.BACKEND_BASE_URL`, which Streamlit's front end reads
+  before it connects). Without it the front end of `/expert_load` first asks `/expert_load/_stcore/health`,
+  gets the 404 that Streamlit answers on purpose, waits 100 ms and asks `/_stcore/health`. The page works
+  the root out from its own address and the page path the server saw, so it is right behind a proxy that
+  adds a prefix too (JupyterHub's, say); where the two do not match, it names nothing and Streamlit probes.
 - a modulepreload of the front end's plotly chart bundle (4.7 MB, loaded on demand): the browser fetches and
   compiles it while the server runs the page's script, not once the first chart has arrived.
 
@@ -40,17 +42,30 @@ def plotly_bundle(static_dir: Path) -> str | None:
     return next((name for name in names if BUNDLE_NAME.fullmatch(name)), None)
 
 
-def head_hints(base_url_path: str, bundle: str | None) -> bytes:
-    """The tags to put first in <head>: the server's base URL (the page's origin plus Streamlit's
-    `server.baseUrlPath`) and, when `bundle` is given, its modulepreload."""
-    prefix = f"/{base_url_path.strip('/')}/" if base_url_path.strip("/") else "/"
-    # json.dumps quotes the path for JavaScript; "<" escaped so that no path can close the script element.
-    quoted = json.dumps(prefix).replace("<", "\\u003c")
-    tags = f"<script>window.__streamlit = {{BACKEND_BASE_URL: window.location.origin + {quoted}}};</script>"
+def page_path(scope: MutableMapping[str, Any], base_url_path: str) -> str | None:
+    """The path of a request below Streamlit's `server.baseUrlPath` ("/" for the main page), as the browser
+    wrote it (percent-encoded); None for a path outside it."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    path = raw.decode("latin-1")
+    prefix = f"/{base_url_path.strip('/')}" if base_url_path.strip("/") else ""
+    if path != prefix and not path.startswith(f"{prefix}/"):
+        return None
+    return path[len(prefix):] or "/"
+
+
+def head_hints(page: str, bundle: str | None) -> bytes:
+    """The tags to put first in <head> of the page answered at `page` (see page_path): a script naming the
+    server's root, where the page's address ends with `page`, and, when `bundle` is given, its modulepreload."""
+    # json.dumps quotes the path for JavaScript (non-ASCII escaped); "<" escaped so that no path closes the script.
+    quoted = json.dumps(page).replace("<", "\\u003c")
+    tags = ("<script>(function (origin, path, page) {if (path.endsWith(page)) window.__streamlit = "
+            "{BACKEND_BASE_URL: origin + path.slice(0, path.length - page.length) + '/'};})"
+            f"(window.location.origin, window.location.pathname, {quoted});</script>")
     if bundle is not None:
         if not BUNDLE_NAME.fullmatch(bundle):
             raise ValueError(f"plotly bundle {bundle!r}: expected a file name like PlotlyChart.<hash>.js")
-        tags += f'<link rel="modulepreload" crossorigin href="{prefix}static/js/{bundle}">'
+        # Relative, like Streamlit's own script tags, so that it resolves under any prefix.
+        tags += f'<link rel="modulepreload" crossorigin href="./static/js/{bundle}">'
     return tags.encode()
 
 
@@ -61,19 +76,22 @@ def is_page_request(scope: MutableMapping[str, Any]) -> bool:
 
 
 class PageHints:
-    """ASGI middleware: puts `hints` first in the <head> of every HTML page answered to a page request."""
+    """ASGI middleware: puts head_hints first in the <head> of every HTML page answered to a page request.
+    `base_url_path` is Streamlit's `server.baseUrlPath`; `bundle` the plotly bundle's file name, if any."""
 
-    def __init__(self, app: ASGIApp, hints: bytes) -> None:
+    def __init__(self, app: ASGIApp, base_url_path: str, bundle: str | None) -> None:
         self.app = app
-        self.hints = hints
+        self.base_url_path = base_url_path
+        self.bundle = bundle
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         """Pass everything through; for a page request, edit the answer if it is a whole HTML page."""
-        if not is_page_request(scope):
+        page = page_path(scope, self.base_url_path) if is_page_request(scope) else None
+        if page is None:
             await self.app(scope, receive, send)
             return
         headers = [(name, value) for name, value in scope["headers"] if name.lower() not in DROPPED_REQUEST_HEADERS]
-        await self.app({**scope, "headers": headers}, receive, _HeadEditor(send, self.hints))
+        await self.app({**scope, "headers": headers}, receive, _HeadEditor(send, head_hints(page, self.bundle)))
 
 
 class _HeadEditor:

@@ -1,5 +1,6 @@
 """The dashboard in a real browser (Debian's Chromium driven by Playwright) against a served store: charts
-drawn on every page, a heatmap click opening its drill-down, a live run's steps arriving, hostile text inert."""
+drawn on every page, a heatmap click opening its drill-down, a live run's steps arriving, hostile text inert,
+a page opened by its own address connecting without a probe."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from app_fixtures import PROMPTS, TINY, Prompt, SyntheticRun, build_run, record
 
 from analysis.store import Store
+from app.page_hints import head_hints
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -160,19 +162,40 @@ def test_runs_page_opens_the_config_and_provenance(page: Page, dialogs: list[str
 
 def test_a_page_opened_by_its_address_connects_without_probing(browser: Browser, server: str) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1600})
-    tab = context.new_page()
-    requests: list[str] = []
-    tab.on("request", lambda request: requests.append(request.url))
-    tab.goto(f"{server}/expert_bias?run=tiny")
-    tab.locator("h1").filter(has_text="Expert bias").wait_for()
-    tab.wait_for_function(DRAWN_CHARTS_JS, arg=1)
-    assert f"{server}/_stcore/health" in requests
-    assert not [url for url in requests if "/expert_bias/_stcore/" in url], "the page's own path was probed"
-    preloaded = tab.evaluate("() => [...document.querySelectorAll('link[rel=modulepreload]')].map(link => link.href)")
-    assert [url for url in preloaded if "/static/js/PlotlyChart." in url]
-    open_page(tab, "Attention", 1)
-    assert tab.url.split("?")[0] == f"{server}/attention", "page addresses stay relative to the server's root"
-    context.close()
+    try:
+        tab = context.new_page()
+        requests: list[str] = []
+        tab.on("request", lambda request: requests.append(request.url))
+        tab.goto(f"{server}/expert_bias?run=tiny")
+        tab.locator("h1").filter(has_text="Expert bias").wait_for()
+        tab.wait_for_function(DRAWN_CHARTS_JS, arg=1)
+        assert tab.evaluate("() => window.__streamlit.BACKEND_BASE_URL") == f"{server}/"
+        assert f"{server}/_stcore/health" in requests
+        assert not [url for url in requests if "/expert_bias/_stcore/" in url], "the page's own path was probed"
+        preloads = tab.evaluate("() => [...document.querySelectorAll('link[rel=modulepreload]')].map(l => l.href)")
+        assert [url for url in preloads if url.startswith(f"{server}/static/js/PlotlyChart.")]
+        open_page(tab, "Attention", 1)
+        assert tab.url.split("?")[0] == f"{server}/attention", "page addresses stay relative to the server's root"
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize(("address", "page", "root"), [
+    ("/expert_load", "/expert_load", "/"), ("/", "/", "/"),
+    ("/user/ada/proxy/8501/expert_load", "/expert_load", "/user/ada/proxy/8501/"),
+    ("/user/ada/proxy/8501/", "/", "/user/ada/proxy/8501/"), ("/rewritten", "/expert_load", None)])
+def test_the_page_names_its_root_behind_a_prefix(browser: Browser, address: str, page: str, root: str | None) -> None:
+    script = head_hints(page, None).decode().removeprefix("<script>").removesuffix("</script>")
+    assert "(window.location.origin, window.location.pathname, " in script
+    script = script.replace("(window.location.origin, window.location.pathname, ",
+                            f'("http://host:8501", "{address}", ')
+    tab = browser.new_page()
+    try:
+        tab.evaluate(f"() => {{ {script} }}")
+        named = tab.evaluate("() => window.__streamlit && window.__streamlit.BACKEND_BASE_URL")
+    finally:
+        tab.close()
+    assert named == (None if root is None else f"http://host:8501{root}")
 
 
 def click_cell(page: Page, chart: int, column: float, row: float) -> None:

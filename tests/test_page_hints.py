@@ -11,29 +11,43 @@ from typing import Any
 import pytest
 from streamlit.file_util import get_static_dir
 
-from app.page_hints import PageHints, head_hints, plotly_bundle
+from app.page_hints import PageHints, head_hints, page_path, plotly_bundle
 
 BUNDLE = "PlotlyChart.Ab_9-x.js"
 PAGE = b"<!DOCTYPE html>\n<html lang=\"en\">\n  <head>\n    <title>Streamlit</title>\n  </head><body></body></html>"
-HINTS = head_hints("", BUNDLE)
+ROOT_SCRIPT = ("<script>(function (origin, path, page) {if (path.endsWith(page)) window.__streamlit = "
+               "{BACKEND_BASE_URL: origin + path.slice(0, path.length - page.length) + '/'};})"
+               "(window.location.origin, window.location.pathname, %s);</script>")
 
 
-def test_hints_name_the_server_root_and_preload_the_bundle() -> None:
-    assert HINTS.decode() == ('<script>window.__streamlit = {BACKEND_BASE_URL: window.location.origin + "/"};</script>'
-                              f'<link rel="modulepreload" crossorigin href="/static/js/{BUNDLE}">')
-    assert b'origin + "/dash/board/"}' in head_hints("/dash/board/", None)
-    assert b"modulepreload" not in head_hints("dash", None)
+def test_hints_name_the_root_from_the_page_path_and_preload_the_bundle() -> None:
+    assert head_hints("/expert_load", BUNDLE).decode() == (
+        ROOT_SCRIPT % '"/expert_load"' + f'<link rel="modulepreload" crossorigin href="./static/js/{BUNDLE}">')
+    assert head_hints("/", None).decode() == ROOT_SCRIPT % '"/"'
 
 
-def test_a_base_path_cannot_close_the_script() -> None:
-    hints = head_hints("a</script><script>alert(1)", None).decode()
+def test_a_page_path_cannot_close_the_script() -> None:
+    hints = head_hints("/a</script><script>alert(1)", None).decode()
     assert hints.count("</script>") == 1 and hints.endswith("</script>")
-    assert "\\u003c/script>\\u003cscript>alert(1)/" in hints
+    assert '"/a\\u003c/script>\\u003cscript>alert(1)"' in hints
 
 
 def test_a_bundle_name_that_is_not_a_plain_file_name_is_refused() -> None:
     with pytest.raises(ValueError, match=re.escape("PlotlyChart.<hash>.js")):
-        head_hints("", 'PlotlyChart.x.js"><script>alert(1)</script>')
+        head_hints("/", 'PlotlyChart.x.js"><script>alert(1)</script>')
+
+
+@pytest.mark.parametrize(("path", "base_url_path", "page"), [
+    ("/", "", "/"), ("/expert_load", "", "/expert_load"), ("/expert_load/", "", "/expert_load/"),
+    ("/dash", "dash", "/"), ("/dash/", "/dash/", "/"), ("/dash/expert_load", "dash", "/expert_load"),
+    ("/dashboard", "dash", None), ("/other/expert_load", "dash", None)])
+def test_the_page_path_is_the_path_below_the_base_url_path(path: str, base_url_path: str, page: str | None) -> None:
+    assert page_path({"path": path, "raw_path": path.encode()}, base_url_path) == page
+    assert page_path({"path": path}, base_url_path) == page
+
+
+def test_the_page_path_is_as_the_browser_wrote_it() -> None:
+    assert page_path({"path": "/a b", "raw_path": b"/a%20b"}, "") == "/a%20b"
 
 
 def test_the_bundle_is_found_in_the_static_folder(tmp_path: Path) -> None:
@@ -71,14 +85,15 @@ def serve(request: dict[str, Any], status: int, content_type: bytes, chunks: lis
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(PageHints(app, HINTS)(request, None, send))
+    asyncio.run(PageHints(app, "", BUNDLE)(request, None, send))
     return sent, seen[0]
 
 
 def test_a_page_gets_the_hints_after_its_head_with_its_length_mended() -> None:
     sent, seen = serve(scope("/expert_load"), 200, b"text/html; charset=utf-8", [PAGE[:30], PAGE[30:]])
     start, body = sent
-    assert body["body"] == PAGE.replace(b"<head>", b"<head>" + HINTS) and not body.get("more_body")
+    assert body["body"] == PAGE.replace(b"<head>", b"<head>" + head_hints("/expert_load", BUNDLE))
+    assert not body.get("more_body")
     headers = dict(start["headers"])
     assert headers[b"content-length"] == str(len(body["body"])).encode()
     assert b"etag" not in headers, "the etag is the unedited file's"
