@@ -106,8 +106,8 @@ class _HeadEditor:
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            content_type = dict((name.lower(), value) for name, value in message.get("headers", []))
-            if message["status"] == 200 and content_type.get(b"content-type", b"").startswith(b"text/html"):
+            headers = {name.lower(): value for name, value in message.get("headers", [])}
+            if message["status"] == 200 and headers.get(b"content-type", b"").startswith(b"text/html"):
                 self.start = message
                 return
         elif message["type"] == "http.response.body" and self.start is not None:
